@@ -1,0 +1,153 @@
+"""Brain extraction: keep the mask of already skull-stripped inputs, else an offline atlas + intensity method.
+
+No network access and no learned weights: the atlas is nilearn's bundled MNI152 2009 template and brain mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .registration import LinearSettings, register_affine, register_rigid
+from .resample import resample_mask_like
+
+#: A volume counts as skull-stripped when at least this fraction of it is exactly zero ...
+STRIPPED_MIN_ZERO_FRACTION = 0.25
+#: ... and its non-zero region (hole-filled) is brain-sized (mL) ...
+STRIPPED_VOLUME_ML = (600.0, 2300.0)
+#: ... and one connected component holds this fraction of the non-zero voxels.
+STRIPPED_MIN_COMPONENT_FRACTION = 0.95
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    return lab == int(counts.argmax())
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill 3D holes and, in every axial/coronal/sagittal slice, 2D holes."""
+    out = ndimage.binary_fill_holes(mask)
+    for axis in range(3):
+        out = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(out, axis, 0)], axis=0)
+        out = np.moveaxis(out, 0, axis)
+    return out
+
+
+def _to_image(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.CopyInformation(like)
+    return img
+
+
+def stripped_mask(image: sitk.Image) -> sitk.Image | None:
+    """The brain mask of an already skull-stripped image, or None when the image is not skull-stripped.
+
+    Criterion: >= 25 % of the voxels are exactly 0, the largest connected non-zero component holds >= 95 % of
+    the non-zero voxels and, hole-filled, measures 600-2300 mL (a brain, not a head).  The mask is that
+    component with its holes filled (e.g. a resection cavity or dark ventricles set to 0).
+    """
+    arr = sitk.GetArrayViewFromImage(image)
+    nonzero = arr != 0
+    if nonzero.size == 0 or 1.0 - nonzero.mean() < STRIPPED_MIN_ZERO_FRACTION or not nonzero.any():
+        return None
+    comp = _largest_component(nonzero)
+    if comp.sum() < STRIPPED_MIN_COMPONENT_FRACTION * nonzero.sum():
+        return None
+    filled = _fill_holes(comp)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    volume = filled.sum() * voxel_ml
+    if not STRIPPED_VOLUME_ML[0] <= volume <= STRIPPED_VOLUME_ML[1]:
+        return None
+    return _to_image(filled, image)
+
+
+@functools.lru_cache(maxsize=2)
+def _atlas(resolution: int) -> tuple[sitk.Image, sitk.Image]:
+    """nilearn's MNI152 template (T1, skull-stripped) and brain mask as SimpleITK images (LPS)."""
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=resolution)
+    mask = datasets.load_mni152_brain_mask(resolution=resolution)
+    return _nib_to_sitk(t1), sitk.Cast(_nib_to_sitk(mask) > 0.5, sitk.sitkUInt8)
+
+
+def _nib_to_sitk(nimg) -> sitk.Image:  # type: ignore[no-untyped-def]
+    """nibabel (RAS affine, axes i,j,k) -> SimpleITK (LPS, numpy z,y,x)."""
+    arr = np.asarray(nimg.get_fdata(dtype=np.float32))
+    aff = np.asarray(nimg.affine, dtype=np.float64)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    lin = flip @ aff[:3, :3]
+    spacing = np.linalg.norm(lin, axis=0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((lin / spacing).ravel().tolist())
+    img.SetOrigin((flip @ aff[:3, 3]).tolist())
+    return img
+
+
+def atlas_brain_mask(
+    image: sitk.Image, *, seed: int = 0, settings: LinearSettings = LinearSettings(), atlas_resolution: int = 2
+) -> sitk.Image:
+    """Brain mask of a skull-present T1(c) image by atlas registration and intensity refinement.
+
+    1. Rigid then affine registration (Mattes MI) of the image (moving) to the MNI152 template (fixed), the
+       metric restricted to the template's brain mask dilated by 10 mm; the template brain mask is mapped back
+       onto the image grid with the resulting transform (nearest neighbour): the prior ``P``.
+    2. Refinement: Otsu threshold ``t`` of the intensities inside ``P`` dilated by 2 voxels (brain vs CSF/skull);
+       mask = (I > 0.5 t) within ``P`` dilated by 1 voxel, opened by 1 voxel, largest component, holes filled.
+
+    Raises
+    ------
+    ValueError
+        When the refined mask is empty.
+    """
+    template, tmask = _atlas(atlas_resolution)
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    dil = sitk.BinaryDilate(tmask, [max(1, int(round(10.0 / s))) for s in tmask.GetSpacing()])
+    rig = register_rigid(template, img, fixed_mask=dil, settings=settings, seed=seed)
+    aff = register_affine(template, img, rigid=rig.transform, fixed_mask=dil, settings=settings, seed=seed)
+    # aff maps template -> image; the mask is needed on the image grid: resample with the inverse.
+    inverse = aff.transform.GetInverse()
+    prior = sitk.GetArrayFromImage(resample_mask_like(tmask, img, inverse)) > 0
+    if not prior.any():
+        raise ValueError("atlas brain extraction: the propagated atlas mask is empty")
+    arr = sitk.GetArrayFromImage(img)
+    struct = ndimage.generate_binary_structure(3, 1)
+    wide = ndimage.binary_dilation(prior, struct, iterations=2)
+    values = arr[wide]
+    t = _otsu(values)
+    mask = (arr > 0.5 * t) & ndimage.binary_dilation(prior, struct, iterations=1)
+    mask = ndimage.binary_opening(mask, struct, iterations=1)
+    if not mask.any():
+        raise ValueError("atlas brain extraction: the refined mask is empty")
+    mask = _fill_holes(_largest_component(mask))
+    return _to_image(mask, image)
+
+
+def brain_mask(image: sitk.Image, *, seed: int = 0) -> tuple[sitk.Image, str]:
+    """The brain mask of a T1c and the method used (``"stripped"`` or ``"atlas"``)."""
+    m = stripped_mask(image)
+    if m is not None:
+        return m, "stripped"
+    return atlas_brain_mask(image, seed=seed), "atlas"
+
+
+def _otsu(values: np.ndarray, bins: int = 128) -> float:
+    """Otsu's threshold: maximises the between-class variance ``w0 w1 (mu0 - mu1)^2`` over a histogram."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w = hist.astype(np.float64)
+    w0 = np.cumsum(w)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(w * centres)
+    mu0 = m0 / np.maximum(w0, 1e-12)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])

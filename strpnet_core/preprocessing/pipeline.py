@@ -1,0 +1,499 @@
+"""The per-patient preprocessing pipeline and the site driver (process pool, resumable, deterministic).
+
+Per patient (all transforms in ITK convention: fixed point -> moving point)::
+
+    for each scan k:   read -> brain mask of the T1c (stripped input kept, else atlas) ->
+                       rigid T1n/T2w/FLAIR -> T1c (R_{k,m}) -> N4 of every modality inside the brain mask ->
+                       (k > 0) rigid -> affine -> B-spline of T1c_k -> pre-op T1c (L_k)
+    model grid G:      centred on the pre-op brain mask's bounding box, pre-op T1c direction
+    image_{k,m} on G = resample(N4(I_{k,m}), G, R_{k,m} ∘ L_k)   (one linear interpolation)
+    -> z-score inside the pre-op brain mask on G -> cache file + QC record + QC figure
+
+A follow-up scan whose registration fails or is flagged is excluded with a reason; a pre-op failure fails the
+patient.  Every failure names the patient, scan, modality and step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import __version__
+from ..cache import CachedPatient, cache_path, save_cached_patient
+from ..contract import MODALITIES, OUTCOMES_CSV, REFERENCE_MODALITY
+from ..fsutil import atomic_write_json
+from ..presets import Preset, get_preset
+from .bias import n4_correct
+from .brain import brain_mask as extract_brain
+from .normalize import z_score_normalize
+from .qc import MIN_MASK_DICE, dice, metric_flags, rigid_flags, write_qc_png
+from .registration import (
+    BSplineSettings,
+    LinearSettings,
+    RegistrationError,
+    compose,
+    evaluate_metric,
+    register_longitudinal,
+    register_rigid,
+)
+from .resample import grid_geometry, model_grid, resample_mask_like, resample_to_grid
+
+log = logging.getLogger(__name__)
+
+#: Bump when the pipeline's output changes for the same settings (invalidates resumed caches).
+PIPELINE_VERSION = 1
+STEPS: tuple[str, ...] = ("read", "brain", "register_modalities", "n4", "register_longitudinal", "resample")
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Everything that determines the output (configuration as data; hashed for resuming)."""
+
+    preset: str
+    grid_spacing_mm: float
+    grid_shape: tuple[int, int, int]
+    linear: LinearSettings = LinearSettings()
+    bspline: BSplineSettings | None = BSplineSettings()
+    n4_shrink: int = 4
+    n4_iterations: tuple[int, ...] = (50, 50, 30)
+    n4_control_points: int = 4
+    image_dtype: str = "float16"
+
+    @classmethod
+    def from_preset(cls, preset: str | Preset) -> PipelineSettings:
+        """Settings of a preset: ``ci`` (4 mm) fits one coarse B-spline level, ``demo``/``brats`` two."""
+        p = get_preset(preset) if isinstance(preset, str) else preset
+        bspline = BSplineSettings((80.0,), (8.0,)) if p.grid_spacing_mm >= 4 else BSplineSettings()
+        return cls(preset=p.name, grid_spacing_mm=p.grid_spacing_mm, grid_shape=tuple(p.grid_shape), bspline=bspline)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self, seed: int) -> str:
+        """SHA-256 (16 hex digits) of the settings, the seed, the pipeline and package versions."""
+        blob = json.dumps(
+            {"settings": self.to_dict(), "seed": seed, "pipeline": PIPELINE_VERSION, "version": __version__},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class PreprocessError(RuntimeError):
+    """A patient-level failure, naming patient, scan, modality, file and step."""
+
+    def __init__(self, patient_id: str, step: str, message: str, *, timepoint: str | None = None,
+                 modality: str | None = None, path: str | os.PathLike[str] | None = None) -> None:
+        self.patient_id, self.step, self.timepoint, self.modality = patient_id, step, timepoint, modality
+        self.path = None if path is None else str(path)
+        where = f"patient {patient_id}"
+        if timepoint is not None:
+            where += f", scan {timepoint}"
+        if modality is not None:
+            where += f", {modality}"
+        if self.path is not None:
+            where += f" ({self.path})"
+        super().__init__(f"{where}, step {step}: {message}")
+
+
+@dataclass
+class PatientResult:
+    """Outcome of one patient (picklable; no images)."""
+
+    patient_id: str
+    status: str  # "ok", "skipped" (resumed), "failed"
+    seconds: float = 0.0
+    timepoints: list[str] = field(default_factory=list)
+    excluded_scans: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    cache_file: str | None = None
+
+
+@dataclass
+class PreprocessReport:
+    """Outcome of a site."""
+
+    site_name: str
+    out_dir: str
+    settings_hash: str
+    results: list[PatientResult]
+    validation_problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[PatientResult]:
+        return [r for r in self.results if r.status in ("ok", "skipped")]
+
+    @property
+    def failed(self) -> list[PatientResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def table(self) -> str:
+        """A plain-text table: patient, status, timepoints kept, excluded scans / error, seconds."""
+        rows = [f"{'patient':<24} {'status':<8} {'T':>2} {'sec':>7}  notes"]
+        for r in self.results:
+            notes = r.error or "; ".join(f"{t}: {why}" for t, why in r.excluded_scans.items())
+            rows.append(f"{r.patient_id:<24} {r.status:<8} {len(r.timepoints):>2} {r.seconds:>7.1f}  {notes}")
+        return "\n".join(rows)
+
+
+def qc_path(out_dir: str | os.PathLike[str], patient_id: str) -> Path:
+    """``CACHE_DIR/<patient>.qc.json``."""
+    return Path(out_dir) / f"{patient_id}.qc.json"
+
+
+def is_done(out_dir: str | os.PathLike[str], patient_id: str, settings_hash: str) -> bool:
+    """True when the patient's cache file exists and its QC record says ok with the same settings hash."""
+    cp, qp = cache_path(out_dir, patient_id), qc_path(out_dir, patient_id)
+    if not (cp.exists() and qp.exists()):
+        return False
+    try:
+        qc = json.loads(qp.read_text())
+    except (OSError, ValueError):
+        return False
+    return qc.get("status") == "ok" and qc.get("settings_hash") == settings_hash
+
+
+def _read(path: Path, patient_id: str, timepoint: str, modality: str) -> sitk.Image:
+    try:
+        from ..site import read_image_checked
+
+        img = read_image_checked(path)
+    except Exception as exc:  # ImageDefect, RuntimeError
+        raise PreprocessError(patient_id, "read", str(exc), timepoint=timepoint, modality=modality, path=path) from exc
+    return sitk.Cast(img, sitk.sitkFloat32)
+
+
+@dataclass
+class _ScanWork:
+    timepoint: str
+    day: float
+    corrected: dict[str, sitk.Image]
+    mask: sitk.Image
+    to_t1c: dict[str, sitk.Transform]
+    qc: dict[str, Any]
+
+
+def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: int) -> _ScanWork:
+    """Read, brain mask, within-scan rigid registration and N4 of one scan (all in the scan's native spaces)."""
+    tp = scan.timepoint
+    steps: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    raw = {m: _read(Path(scan.images[m]), patient_id, tp, m) for m in MODALITIES}
+    steps["read"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    t1c = raw[REFERENCE_MODALITY]
+    try:
+        mask, method = extract_brain(t1c, seed=seed)
+    except Exception as exc:
+        raise PreprocessError(patient_id, "brain", str(exc), timepoint=tp, modality=REFERENCE_MODALITY,
+                              path=scan.images[REFERENCE_MODALITY]) from exc
+    steps["brain"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    to_t1c: dict[str, sitk.Transform] = {REFERENCE_MODALITY: sitk.Transform(3, sitk.sitkIdentity)}
+    for m in MODALITIES:
+        if m == REFERENCE_MODALITY:
+            continue
+        try:
+            res = register_rigid(t1c, raw[m], fixed_mask=mask, settings=settings.linear, seed=seed)
+            metrics[f"{m}_to_t1c"] = evaluate_metric(t1c, raw[m], res.transform, fixed_mask=mask)
+            rigid_problems = rigid_flags(res.transform.GetParameters()[:3], res.transform.GetTranslation())
+        except RegistrationError as exc:
+            raise PreprocessError(patient_id, "register_modalities", str(exc), timepoint=tp, modality=m,
+                                  path=scan.images[m]) from exc
+        if rigid_problems:
+            raise PreprocessError(patient_id, "register_modalities", "diverged: " + "; ".join(rigid_problems),
+                                  timepoint=tp, modality=m, path=scan.images[m])
+        to_t1c[m] = res.transform
+    steps["register_modalities"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    corrected: dict[str, sitk.Image] = {}
+    for m in MODALITIES:
+        # The mask on the modality's own grid: R maps T1c -> modality, so its inverse maps modality -> T1c.
+        inv = to_t1c[m].GetInverse() if m != REFERENCE_MODALITY else None
+        mmask = resample_mask_like(mask, raw[m], inv)
+        try:
+            corrected[m], _ = n4_correct(raw[m], mmask, shrink=settings.n4_shrink,
+                                         iterations=settings.n4_iterations, control_points=settings.n4_control_points)
+        except (RuntimeError, ValueError) as exc:
+            raise PreprocessError(patient_id, "n4", str(exc), timepoint=tp, modality=m, path=scan.images[m]) from exc
+    steps["n4"] = time.perf_counter() - t0
+    qc = {"timepoint": tp, "day": float(scan.day), "brain_method": method, "seconds": steps, "metrics": metrics,
+          "flags": [], "included": True, "reason": None}
+    return _ScanWork(tp, float(scan.day), corrected, mask, to_t1c, qc)
+
+
+def preprocess_patient(
+    record: Any,
+    *,
+    site_name: str,
+    out_dir: str | os.PathLike[str],
+    preset: str | Preset | PipelineSettings = "demo",
+    seed: int = 0,
+) -> PatientResult:
+    """Preprocess one patient (a ``strpnet_core.site.PatientRecord``) into ``out_dir``.
+
+    Writes ``<patient>.npz`` (:func:`strpnet_core.cache.save_cached_patient`), ``<patient>.qc.json`` and
+    ``<patient>.qc.png``.  Never raises for data problems: a failure is returned (status ``"failed"``, the error
+    naming patient, scan, modality and step) and recorded in the QC JSON.
+    """
+    settings = preset if isinstance(preset, PipelineSettings) else PipelineSettings.from_preset(preset)
+    shash = settings.hash(seed)
+    out_dir = Path(out_dir)
+    pid = record.patient_id
+    t_start = time.perf_counter()
+    qc: dict[str, Any] = {"patient_id": pid, "site": site_name, "settings_hash": shash, "seed": seed,
+                          "preset": settings.preset, "settings": settings.to_dict(), "version": __version__,
+                          "scans": [], "status": "failed", "error": None}
+    try:
+        result = _run_patient(record, site_name, out_dir, settings, seed, shash, qc)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported per patient
+        if not isinstance(exc, PreprocessError):
+            exc = PreprocessError(pid, "unexpected", f"{type(exc).__name__}: {exc}")
+            qc["traceback"] = traceback.format_exc()
+        qc["error"] = {"step": exc.step, "timepoint": exc.timepoint, "modality": exc.modality, "path": exc.path,
+                       "message": str(exc)}
+        qc["seconds_total"] = time.perf_counter() - t_start
+        atomic_write_json(qc_path(out_dir, pid), qc)
+        log.warning("%s", exc)
+        return PatientResult(pid, "failed", qc["seconds_total"], error=str(exc))
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineSettings, seed: int, shash: str,
+                 qc: dict[str, Any]) -> PatientResult:
+    pid = record.patient_id
+    scans = list(record.scans)
+    if not scans:
+        raise PreprocessError(pid, "input", "no scan")
+    pre = _prepare_scan(pid, scans[0], settings, seed)
+    qc["scans"].append(pre.qc)
+    fixed, fixed_mask = pre.corrected[REFERENCE_MODALITY], pre.mask
+    fixed_mask_arr = sitk.GetArrayFromImage(fixed_mask)
+    kept: list[tuple[_ScanWork, sitk.Transform]] = [(pre, sitk.Transform(3, sitk.sitkIdentity))]
+    pre.qc["seconds"]["register_longitudinal"] = 0.0
+
+    # Follow-ups: prepare and register; failures exclude the scan (with its reason), never the patient.
+    follow: list[tuple[_ScanWork, sitk.Transform, float]] = []
+    for scan in scans[1:]:
+        try:
+            work = _prepare_scan(pid, scan, settings, seed)
+        except PreprocessError as exc:
+            qc["scans"].append({"timepoint": scan.timepoint, "day": float(scan.day), "included": False,
+                                "reason": str(exc), "flags": [f"step {exc.step} failed"], "seconds": {}, "metrics": {}})
+            continue
+        qc["scans"].append(work.qc)
+        t0 = time.perf_counter()
+        moving = work.corrected[REFERENCE_MODALITY]
+        try:
+            res = register_longitudinal(fixed, moving, fixed_mask=fixed_mask, rigid=settings.linear,
+                                        affine=settings.linear, bspline=settings.bspline, seed=seed)
+            final = evaluate_metric(fixed, moving, res.transform, fixed_mask=fixed_mask)
+            warped_mask = sitk.GetArrayFromImage(resample_mask_like(work.mask, fixed, res.transform))
+            overlap = dice(warped_mask, fixed_mask_arr)
+        except (RegistrationError, RuntimeError) as exc:
+            work.qc.update(included=False, reason=f"patient {pid}, scan {work.timepoint}, step register_longitudinal: {exc}")
+            work.qc["flags"].append("registration failed")
+            continue
+        finally:
+            work.qc["seconds"]["register_longitudinal"] = time.perf_counter() - t0
+        work.qc["metrics"].update({"t1c_to_preop": final, "brain_mask_dice": overlap,
+                                   "stages": res.stages})
+        if overlap < MIN_MASK_DICE:
+            work.qc["flags"].append(f"brain masks overlap poorly after registration (Dice {overlap:.3f} < {MIN_MASK_DICE})")
+        follow.append((work, res.transform, final))
+
+    # Robust flags over the patient's comparable metrics (longitudinal; and per modality within scans).
+    all_scans = [pre] + [w for w, _, _ in follow]
+    for m in MODALITIES:
+        if m == REFERENCE_MODALITY:
+            continue
+        vals = [w.qc["metrics"][f"{m}_to_t1c"] for w in all_scans]
+        for i, w in enumerate(all_scans):
+            w.qc["flags"].extend(f"{m}->t1c: {f}" for f in metric_flags(vals[i], vals, i))
+    long_vals = [f for _, _, f in follow]
+    for i, (w, _, f) in enumerate(follow):
+        w.qc["flags"].extend(f"t1c->pre-op: {x}" for x in metric_flags(f, long_vals, i))
+    if pre.qc["flags"]:
+        raise PreprocessError(pid, "register_modalities", "pre-op scan flagged: " + "; ".join(pre.qc["flags"]),
+                              timepoint=pre.timepoint)
+    for w, tx, _ in follow:
+        if w.qc["flags"]:
+            w.qc.update(included=False, reason="; ".join(w.qc["flags"]))
+        else:
+            kept.append((w, tx))
+
+    # Model grid and one resampling per image.
+    grid = model_grid(fixed, fixed_mask, settings.grid_spacing_mm, settings.grid_shape)
+    grid_mask = resample_to_grid(fixed_mask, grid, label=True)
+    if not grid_mask.any():
+        raise PreprocessError(pid, "resample", "the brain mask is empty on the model grid")
+    images = np.zeros((len(kept), len(MODALITIES), *settings.grid_shape), dtype=settings.image_dtype)
+    for k, (w, long_tx) in enumerate(kept):
+        t0 = time.perf_counter()
+        for c, m in enumerate(MODALITIES):
+            tx = compose(w.to_t1c[m], long_tx)
+            arr = resample_to_grid(w.corrected[m], grid, tx)
+            try:
+                images[k, c] = z_score_normalize(arr, grid_mask)
+            except ValueError as exc:
+                raise PreprocessError(pid, "normalize", str(exc), timepoint=w.timepoint, modality=m) from exc
+        w.qc["seconds"]["resample"] = time.perf_counter() - t0
+
+    recurrence = None
+    if getattr(record, "recurrence", None) is not None:
+        rec_img = _read_mask(Path(record.recurrence), pid)
+        recurrence = resample_to_grid(rec_img, grid, label=True)
+
+    timepoints = [w.timepoint for w, _ in kept]
+    excluded = {s["timepoint"]: s["reason"] for s in qc["scans"] if not s["included"]}
+    patient = CachedPatient(
+        patient_id=pid,
+        site=site_name,
+        images=images,
+        days=np.asarray([w.day for w, _ in kept], dtype=np.float32),
+        timepoints=timepoints,
+        brain_mask=grid_mask,
+        recurrence=recurrence,
+        event=None if record.event is None else int(record.event),
+        time=None if record.time_days is None else float(record.time_days),
+        geometry=grid_geometry(grid, fixed),
+        meta={"preset": settings.preset, "settings_hash": shash, "seed": seed, "version": __version__,
+              "excluded_scans": excluded, "brain_method": pre.qc["brain_method"]},
+    )
+    cp = cache_path(out_dir, pid)
+    save_cached_patient(cp, patient)
+    write_qc_png(out_dir / f"{pid}.qc.png", images, grid_mask, timepoints, f"{site_name} / {pid}")
+    qc.update(status="ok", timepoints=timepoints, excluded_scans=excluded)
+    qc["seconds_total"] = sum(sum(s.get("seconds", {}).values()) for s in qc["scans"])
+    atomic_write_json(qc_path(out_dir, pid), qc)
+    return PatientResult(pid, "ok", timepoints=timepoints, excluded_scans=excluded, cache_file=str(cp))
+
+
+def _read_mask(path: Path, pid: str) -> sitk.Image:
+    try:
+        from ..site import read_image_checked
+
+        return read_image_checked(path, allow_constant=True)
+    except Exception as exc:
+        raise PreprocessError(pid, "read", str(exc), path=path) from exc
+
+
+def _worker_init(threads: int) -> None:
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(max(1, threads))
+
+
+def _worker(args: tuple[Any, str, str, PipelineSettings, int]) -> PatientResult:
+    record, site_name, out_dir, settings, seed = args
+    return preprocess_patient(record, site_name=site_name, out_dir=out_dir, preset=settings, seed=seed)
+
+
+def preprocess_site(
+    site_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    workers: int = 1,
+    preset: str | Preset | PipelineSettings = "demo",
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = None,
+) -> PreprocessReport:
+    """Validate a site (``strpnet_core.site.validate_site``) and preprocess every usable patient into ``out_dir``.
+
+    Patients already done with the same settings hash are skipped (resume).  ``workers`` > 1 runs one patient per
+    process (bounded memory); each process uses ``threads`` SimpleITK threads (default: cores // workers).
+    Results come back in patient order whatever the completion order; the output does not depend on ``workers``.
+    """
+    from tqdm import tqdm
+
+    from ..site import validate_site
+
+    settings = preset if isinstance(preset, PipelineSettings) else PipelineSettings.from_preset(preset)
+    shash = settings.hash(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Outcomes are required (and scans after the recurrence dropped by the validator) when the site has them;
+    # an inference site without outcomes.csv is preprocessed too.  Voxels are checked when each image is read.
+    has_outcomes = (Path(site_dir) / OUTCOMES_CSV).exists()
+    index = validate_site(site_dir, require_outcomes=has_outcomes, check_voxels=False, progress=progress)
+    problems = [str(p) for p in index.problems]
+    workers = max(1, int(workers))
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    results: dict[str, PatientResult] = {}
+    todo = []
+    for rec in index.patients:
+        if is_done(out, rec.patient_id, shash):
+            results[rec.patient_id] = PatientResult(rec.patient_id, "skipped", timepoints=[],
+                                                    cache_file=str(cache_path(out, rec.patient_id)))
+        else:
+            todo.append(rec)
+    bar = tqdm(total=len(index.patients), initial=len(results), desc=f"preprocess {index.site_name}",
+               unit="patient", disable=not progress)
+    jobs = [(rec, index.site_name, str(out), settings, seed) for rec in todo]
+    if workers == 1 or len(jobs) <= 1:
+        old = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
+        _worker_init(threads)
+        try:
+            for job in jobs:
+                r = _worker(job)
+                results[r.patient_id] = r
+                bar.update(1)
+        finally:
+            sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(old)
+    else:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as ex:
+            futures = {ex.submit(_worker, job): job[0].patient_id for job in jobs}
+            for fut in cf.as_completed(futures):
+                pid = futures[fut]
+                try:
+                    r = fut.result()
+                except Exception as exc:  # a crashed worker (e.g. killed for memory)
+                    r = PatientResult(pid, "failed", error=f"patient {pid}: worker crashed: {exc}")
+                results[pid] = r
+                bar.update(1)
+    bar.close()
+    ordered = [results[rec.patient_id] for rec in index.patients]
+    report = PreprocessReport(index.site_name, str(out), shash, ordered, problems)
+    atomic_write_json(out / "preprocess_report.json", {
+        "site_name": report.site_name, "settings_hash": shash, "preset": settings.preset, "seed": seed,
+        "results": [dataclasses.asdict(r) for r in ordered], "validation_problems": problems,
+    })
+    return report
+
+
+
+def estimate_transforms(
+    record: Any, *, preset: str | Preset | PipelineSettings = "demo", seed: int = 0
+) -> dict[tuple[str, str], sitk.Transform]:
+    """The transforms the pipeline resamples with, per (timepoint, modality): ``R_{k,m} ∘ L_k`` mapping a point
+    of the pre-op T1c space to the scan's modality image (for QC, accuracy checks against a known truth and
+    mapping results back).  Same steps and seeds as :func:`preprocess_patient`, without flagging or writing."""
+    settings = preset if isinstance(preset, PipelineSettings) else PipelineSettings.from_preset(preset)
+    scans = list(record.scans)
+    pre = _prepare_scan(record.patient_id, scans[0], settings, seed)
+    fixed, fixed_mask = pre.corrected[REFERENCE_MODALITY], pre.mask
+    out = {(pre.timepoint, m): compose(pre.to_t1c[m], sitk.Transform(3, sitk.sitkIdentity)) for m in MODALITIES}
+    for scan in scans[1:]:
+        w = _prepare_scan(record.patient_id, scan, settings, seed)
+        res = register_longitudinal(fixed, w.corrected[REFERENCE_MODALITY], fixed_mask=fixed_mask,
+                                    rigid=settings.linear, affine=settings.linear, bspline=settings.bspline, seed=seed)
+        for m in MODALITIES:
+            out[(w.timepoint, m)] = compose(w.to_t1c[m], res.transform)
+    return out

@@ -1,0 +1,384 @@
+"""Image registration with SimpleITK: rigid / affine / B-spline, Mattes mutual information, multi-resolution.
+
+Convention (ITK): every transform returned here maps a physical point ``x`` of the FIXED image to the physical
+point ``T(x)`` of the MOVING image, so ``sitk.Resample(moving, fixed_grid, T)`` brings the moving image onto the
+fixed grid.  Composition: ``compose(A, B)(x) = A(B(x))``.
+
+The optimiser settings are those verified to converge in ``/work/shared/DESIGN.md`` (MOMENTS initialiser,
+RegularStepGradientDescent lr 2.0, min step 1e-3, relaxation 0.8, 5 % random sampling with a fixed seed, shrink
+4/2/1 with smoothing sigmas 2/1/0 mm, scales from physical shift).  Lower learning rates stall at 5-7 mm.
+The B-spline stage runs only on the coarse levels (mesh refinement ×1, ×2) with sparse sampling, after the
+affine stage (its result is the moving initial transform).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+
+#: Minimum number of metric samples per resolution level.
+MIN_SAMPLES = 20000
+
+
+class RegistrationError(RuntimeError):
+    """A registration that raised, diverged or produced an unusable transform."""
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    """Settings of one rigid or affine stage (see module docstring)."""
+
+    histogram_bins: int = 50
+    sampling_percentage: float = 0.05
+    learning_rate: float = 2.0
+    min_step: float = 1e-3
+    iterations: int = 300
+    relaxation: float = 0.8
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class BSplineSettings:
+    """Settings of the hierarchical B-spline stage.
+
+    Level ``i`` fits a cubic B-spline of control-point spacing ``control_point_spacing_mm[i]`` on the images
+    shrunk to about ``level_voxel_mm[i]`` voxels (smoothed with sigma = half of it), with L-BFGS-B (no
+    parameter scales needed) on ``sampling_percentage`` random samples.  Mesh refinement is done by composition:
+    level ``i + 1`` is a finer B-spline fitted on top of the previous levels (to the moving image warped by them) (ITK's in-place mesh refinement
+    cannot be combined with L-BFGS-B, and gradient descent with physical-shift scales is ~20x slower).
+    """
+
+    control_point_spacing_mm: tuple[float, ...] = (80.0, 40.0)
+    level_voxel_mm: tuple[float, ...] = (8.0, 4.0)
+    histogram_bins: int = 32
+    sampling_percentage: float = 0.10
+    iterations: int = 30
+
+
+@dataclass
+class RegistrationResult:
+    """A transform (fixed point -> moving point), the final metric value (Mattes MI: lower = better, negative),
+    the optimiser's stop condition and per-stage seconds/metrics."""
+
+    transform: sitk.Transform
+    metric: float
+    stop: str
+    seconds: float
+    stages: dict[str, dict[str, float | str]] = field(default_factory=dict)
+
+
+def _physical_min_shrink(img: sitk.Image, shrinks: tuple[int, ...], min_size: int = 8) -> list[int]:
+    """Cap shrink factors so every level keeps at least ``min_size`` voxels along each axis."""
+    size = min(img.GetSize())
+    return [max(1, min(int(s), size // min_size)) for s in shrinks]
+
+
+def _method(
+    fixed: sitk.Image,
+    *,
+    bins: int,
+    sampling: float,
+    seed: int,
+    shrinks: tuple[int, ...],
+    sigmas: tuple[float, ...],
+    fixed_mask: sitk.Image | None,
+    moving_mask: sitk.Image | None,
+) -> sitk.ImageRegistrationMethod:
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    levels = _physical_min_shrink(fixed, shrinks)
+    # At least MIN_SAMPLES samples per level (coarse levels and low-resolution scans need a higher percentage).
+    n_vox = float(np.prod(fixed.GetSize()))
+    if fixed_mask is not None:
+        n_vox = max(1.0, float(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask))))
+    per_level = [min(1.0, max(float(sampling), MIN_SAMPLES * s**3 / n_vox)) for s in levels]
+    reg.SetMetricSamplingPercentagePerLevel(per_level, int(seed) % (2**31 - 1) or 1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    if fixed_mask is not None:
+        reg.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
+    reg.SetShrinkFactorsPerLevel(levels)
+    reg.SetSmoothingSigmasPerLevel(list(sigmas))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    return reg
+
+
+def _run_linear(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform,
+    settings: LinearSettings,
+    seed: int,
+    fixed_mask: sitk.Image | None,
+    moving_mask: sitk.Image | None,
+    moving_initial: sitk.Transform | None = None,
+) -> tuple[sitk.Transform, float, str]:
+    reg = _method(
+        fixed,
+        bins=settings.histogram_bins,
+        sampling=settings.sampling_percentage,
+        seed=seed,
+        shrinks=settings.shrink_factors,
+        sigmas=settings.smoothing_sigmas_mm,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
+    )
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=settings.learning_rate,
+        minStep=settings.min_step,
+        numberOfIterations=settings.iterations,
+        relaxationFactor=settings.relaxation,
+        gradientMagnitudeTolerance=1e-8,
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    if moving_initial is not None:
+        reg.SetMovingInitialTransform(moving_initial)
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(fixed, moving)
+    return transform, float(reg.GetMetricValue()), reg.GetOptimizerStopConditionDescription()
+
+
+def register_rigid(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    settings: LinearSettings = LinearSettings(),
+    seed: int = 0,
+    initial: sitk.Transform | None = None,
+) -> RegistrationResult:
+    """Rigid registration maximising Mattes mutual information.
+
+    Finds the rotation ``R`` and translation ``t`` of ``T(x) = R (x - c) + c + t`` minimising
+    ``-MI(F(x), M(T(x)))`` over random samples (``settings.sampling_percentage`` of the fixed voxels, seeded
+    by ``seed``) inside ``fixed_mask``; initialised by matching the centres of mass (MOMENTS) unless ``initial``
+    (a rigid transform) is given.
+
+    Raises
+    ------
+    RegistrationError
+        When SimpleITK raises or the metric is not finite.
+    """
+    t0 = time.perf_counter()
+    fixed_f, moving_f = _as_float(fixed), _as_float(moving)
+    if initial is None:
+        tx = sitk.CenteredTransformInitializer(
+            fixed_f, moving_f, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+        )
+        tx = sitk.Euler3DTransform(tx)
+    else:
+        tx = sitk.Euler3DTransform(initial)
+    try:
+        tx, metric, stop = _run_linear(fixed_f, moving_f, tx, settings, seed, fixed_mask, moving_mask)
+    except RuntimeError as exc:
+        raise RegistrationError(f"rigid registration failed: {exc}") from exc
+    _check_metric(metric, "rigid")
+    secs = time.perf_counter() - t0
+    return RegistrationResult(tx, metric, stop, secs, {"rigid": {"metric": metric, "seconds": secs, "stop": stop}})
+
+
+def register_affine(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    rigid: sitk.Euler3DTransform,
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    settings: LinearSettings = LinearSettings(),
+    seed: int = 0,
+) -> RegistrationResult:
+    """Affine registration ``T(x) = A (x - c) + c + t`` initialised from a rigid result (same maths as
+    :func:`register_rigid`, 12 parameters)."""
+    t0 = time.perf_counter()
+    fixed_f, moving_f = _as_float(fixed), _as_float(moving)
+    aff = sitk.AffineTransform(3)
+    aff.SetCenter(rigid.GetCenter())
+    aff.SetMatrix(rigid.GetMatrix())
+    aff.SetTranslation(rigid.GetTranslation())
+    try:
+        aff, metric, stop = _run_linear(fixed_f, moving_f, aff, settings, seed + 1, fixed_mask, moving_mask)
+    except RuntimeError as exc:
+        raise RegistrationError(f"affine registration failed: {exc}") from exc
+    _check_metric(metric, "affine")
+    det = float(np.linalg.det(np.asarray(aff.GetMatrix()).reshape(3, 3)))
+    if not 0.5 <= det <= 2.0:
+        raise RegistrationError(f"affine registration diverged: det(A) = {det:.3f} (volume change > 2x)")
+    secs = time.perf_counter() - t0
+    return RegistrationResult(aff, metric, stop, secs, {"affine": {"metric": metric, "seconds": secs, "stop": stop}})
+
+
+def register_bspline(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    linear: sitk.Transform,
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    settings: BSplineSettings = BSplineSettings(),
+    seed: int = 0,
+) -> RegistrationResult:
+    """Free-form deformation on top of a linear transform ``L``: ``T = L ∘ (id + u_1) ∘ ... ∘ (id + u_K)`` with
+    each ``u_k`` a cubic B-spline (coarse to fine control-point spacing), each fitted by L-BFGS-B minimising
+    ``-MI(F(x), M(T(x)))`` over seeded random samples on a coarse image level (see :class:`BSplineSettings`).
+
+    Returns the composite transform; ``metric`` is that of the last level (optimiser samples)."""
+    t0 = time.perf_counter()
+    fixed_f, moving_f = _as_float(fixed), _as_float(moving)
+    current: sitk.Transform = linear
+    parts: list[sitk.Transform] = [linear]
+    metric, stop = float("nan"), ""
+    spacing = min(fixed_f.GetSpacing())
+    for level, (cp, vox) in enumerate(zip(settings.control_point_spacing_mm, settings.level_voxel_mm)):
+        extent = [sz * sp for sz, sp in zip(fixed_f.GetSize(), fixed_f.GetSpacing())]
+        mesh = [max(1, int(round(e / cp))) for e in extent]
+        bs = sitk.BSplineTransformInitializer(fixed_f, mesh, order=3)
+        shrink = max(1, int(round(vox / spacing)))
+        reg = _method(
+            fixed_f,
+            bins=settings.histogram_bins,
+            sampling=settings.sampling_percentage,
+            seed=seed + 2 + level,
+            shrinks=(shrink,),
+            sigmas=(vox / 2.0 if shrink > 1 else 0.0,),
+            fixed_mask=fixed_mask,
+            moving_mask=moving_mask,
+        )
+        reg.SetOptimizerAsLBFGSB(
+            gradientConvergenceTolerance=1e-5,
+            numberOfIterations=settings.iterations,
+            maximumNumberOfCorrections=5,
+            maximumNumberOfFunctionEvaluations=4 * settings.iterations,
+            costFunctionConvergenceFactor=1e7,
+        )
+        if level == 0:
+            target = moving_f
+            reg.SetMovingInitialTransform(current)
+        else:
+            # ITK cannot differentiate through a B-spline moving-initial transform: fit the finer level to the
+            # moving image warped by the levels so far (an intermediate image used for the fit only; the
+            # output is still resampled once through the composite).
+            target = sitk.Resample(moving_f, fixed_f, current, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        reg.SetInitialTransform(bs, inPlace=True)
+        try:
+            reg.Execute(fixed_f, target)
+        except RuntimeError as exc:
+            raise RegistrationError(f"B-spline registration (level {level}) failed: {exc}") from exc
+        metric = float(reg.GetMetricValue())
+        _check_metric(metric, "B-spline")
+        stop = reg.GetOptimizerStopConditionDescription()
+        parts.append(bs)
+        current = compose(*parts)
+    secs = time.perf_counter() - t0
+    return RegistrationResult(current, metric, stop, secs, {"bspline": {"metric": metric, "seconds": secs, "stop": stop}})
+
+
+def evaluate_metric(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform,
+    *,
+    fixed_mask: sitk.Image | None = None,
+    bins: int = 50,
+    sampling_percentage: float = 0.2,
+    seed: int = 12345,
+) -> float:
+    """Mattes MI ``-MI(F(x), M(T(x)))`` at full resolution, on a FIXED seeded random sample: values of different
+    transforms (or scans of one patient) are comparable.  Lower is better."""
+    reg = _method(
+        _as_float(fixed), bins=bins, sampling=sampling_percentage, seed=seed, shrinks=(1,), sigmas=(0.0,),
+        fixed_mask=fixed_mask, moving_mask=None,
+    )
+    reg.SetInitialTransform(transform)
+    try:
+        value = float(reg.MetricEvaluate(_as_float(fixed), _as_float(moving)))
+    except RuntimeError as exc:
+        raise RegistrationError(f"metric evaluation failed: {exc}") from exc
+    return value
+
+
+def register_longitudinal(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    rigid: LinearSettings = LinearSettings(),
+    affine: LinearSettings | None = LinearSettings(),
+    bspline: BSplineSettings | None = BSplineSettings(),
+    seed: int = 0,
+) -> RegistrationResult:
+    """Rigid -> affine -> B-spline (each optional after rigid) registration of a follow-up T1c (moving) to the
+    pre-op T1c (fixed).  The B-spline result is kept only when it lowers :func:`evaluate_metric` (a common
+    seeded sample); otherwise the linear transform is returned.  The metric reported is the optimiser's value of
+    the last kept stage; per-stage values are in ``stages``."""
+    t0 = time.perf_counter()
+    res = register_rigid(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, settings=rigid, seed=seed)
+    stages = dict(res.stages)
+    tx: sitk.Transform = res.transform
+    metric, stop = res.metric, res.stop
+    if affine is not None:
+        r = register_affine(fixed, moving, rigid=res.transform, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                            settings=affine, seed=seed)
+        stages.update(r.stages)
+        tx, metric, stop = r.transform, r.metric, r.stop
+    if bspline is not None:
+        r = register_bspline(fixed, moving, linear=tx, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                             settings=bspline, seed=seed)
+        # Keep the deformation only when it improves the metric on a common fixed sample.
+        before = evaluate_metric(fixed, moving, tx, fixed_mask=fixed_mask)
+        after = evaluate_metric(fixed, moving, r.transform, fixed_mask=fixed_mask)
+        r.stages["bspline"].update({"eval_before": before, "eval_after": after, "accepted": str(after < before)})
+        stages.update(r.stages)
+        if after < before:
+            tx, metric, stop = r.transform, r.metric, r.stop
+    return RegistrationResult(tx, metric, stop, time.perf_counter() - t0, stages)
+
+
+def compose(*transforms: sitk.Transform) -> sitk.CompositeTransform:
+    """``compose(A, B, C)(x) = A(B(C(x)))``: the rightmost transform is applied first."""
+    comp = sitk.CompositeTransform(3)
+    # SimpleITK's CompositeTransform applies the LAST added transform first.
+    for t in transforms:
+        comp.AddTransform(t)
+    return comp
+
+
+def mean_displacement_error(
+    estimated: sitk.Transform, truth: sitk.Transform, moving_mask: sitk.Image, max_points: int = 20000, seed: int = 0
+) -> float:
+    """Registration error against a known truth, in mm.
+
+    ``truth`` (S) maps a point ``y`` of the moving image to the fixed (reference) space; ``estimated`` (T) maps
+    fixed to moving.  Error = mean over the moving image's mask voxels ``y`` of ``|T(S(y)) - y|``
+    (a random subset of at most ``max_points`` voxels, seeded).
+    """
+    arr = sitk.GetArrayViewFromImage(moving_mask)
+    idx = np.argwhere(arr > 0)
+    if len(idx) == 0:
+        raise ValueError("mean_displacement_error: empty mask")
+    if len(idx) > max_points:
+        idx = idx[np.random.default_rng(seed).choice(len(idx), max_points, replace=False)]
+    errs = np.empty(len(idx))
+    for i, (z, y, x) in enumerate(idx):
+        p = moving_mask.TransformIndexToPhysicalPoint((int(x), int(y), int(z)))
+        q = estimated.TransformPoint(truth.TransformPoint(p))
+        errs[i] = math.dist(p, q)
+    return float(errs.mean())
+
+
+def _as_float(img: sitk.Image) -> sitk.Image:
+    return img if img.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, sitk.sitkFloat32)
+
+
+def _check_metric(metric: float, stage: str) -> None:
+    if not math.isfinite(metric):
+        raise RegistrationError(f"{stage} registration diverged: final metric {metric}")

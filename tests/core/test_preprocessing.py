@@ -1,0 +1,151 @@
+"""Preprocessing: z-score, registration, N4, brain extraction, model grid, QC flags (phantoms on MNI152 at 4 mm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from strpnet_core.preprocessing import z_score_normalize
+from strpnet_core.preprocessing.bias import n4_correct
+from strpnet_core.preprocessing.brain import _atlas, brain_mask, stripped_mask
+from strpnet_core.preprocessing.qc import metric_flags, robust_z
+from strpnet_core.preprocessing.registration import (
+    BSplineSettings,
+    mean_displacement_error,
+    register_longitudinal,
+)
+from strpnet_core.preprocessing.resample import grid_geometry, model_grid
+
+sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(2)
+SP = 4.0
+
+
+@pytest.fixture(scope="module")
+def ref() -> tuple[sitk.Image, sitk.Image]:
+    t1, mask = _atlas(2)
+    size = [int(round(sz * sp / SP)) for sz, sp in zip(t1.GetSize(), t1.GetSpacing())]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing([SP] * 3)
+    grid.SetDirection(t1.GetDirection())
+    grid.SetOrigin(t1.GetOrigin())
+    img = sitk.Resample(sitk.SmoothingRecursiveGaussian(t1, SP / 2.5), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    m = sitk.Resample(mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    arr = sitk.GetArrayFromImage(img) * 1000.0
+    arr[sitk.GetArrayViewFromImage(m) == 0] = 0
+    out = sitk.GetImageFromArray(arr.astype(np.float32))
+    out.CopyInformation(img)
+    return out, m
+
+
+def _truth(ref: sitk.Image, seed: int) -> sitk.Transform:
+    rng = np.random.default_rng(seed)
+    centre = ref.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ref.GetSize()])
+    eul = sitk.Euler3DTransform(centre, *np.deg2rad(rng.uniform(-6, 6, 3)))
+    aff = sitk.AffineTransform(3)
+    aff.SetCenter(centre)
+    aff.SetMatrix((np.asarray(eul.GetMatrix()).reshape(3, 3) @ np.diag(1 + rng.uniform(-0.03, 0.03, 3))).ravel().tolist())
+    aff.SetTranslation(rng.uniform(-8, 8, 3).tolist())
+    bs = sitk.BSplineTransformInitializer(ref, [3, 3, 3], 3)
+    bs.SetParameters(rng.normal(0, 2.0, bs.GetNumberOfParameters()).tolist())
+    comp = sitk.CompositeTransform(3)
+    comp.AddTransform(aff)
+    comp.AddTransform(bs)
+    return comp
+
+
+def test_z_score_normalize() -> None:
+    rng = np.random.default_rng(0)
+    vol = rng.normal(300, 40, (10, 12, 14))
+    mask = np.zeros(vol.shape, bool)
+    mask[2:8, 3:9, 4:10] = True
+    z = z_score_normalize(vol, mask)
+    assert abs(z[mask].mean()) < 1e-5 and abs(z[mask].std() - 1) < 1e-5
+    assert np.all(z[~mask] == 0) and np.isfinite(z).all()
+    with pytest.raises(ValueError, match="empty"):
+        z_score_normalize(vol, np.zeros_like(mask))
+    with pytest.raises(ValueError, match="standard deviation"):
+        z_score_normalize(np.full(vol.shape, 5.0), mask)
+    with pytest.raises(ValueError, match="shape"):
+        z_score_normalize(vol, mask[:-1])
+
+
+def test_registration_recovers_known_transform_and_is_deterministic(ref) -> None:
+    img, m = ref
+    S = _truth(img, 1)
+    moving = sitk.Resample(img, img, S, sitk.sitkLinear, 0.0)
+    mmask = sitk.Resample(m, img, S, sitk.sitkNearestNeighbor, 0)
+    bs = BSplineSettings((80.0,), (8.0,))
+    r1 = register_longitudinal(img, moving, fixed_mask=m, bspline=bs, seed=3)
+    err = mean_displacement_error(r1.transform, S, mmask)
+    assert err <= 1.0 and err < SP / 2
+    r2 = register_longitudinal(img, moving, fixed_mask=m, bspline=bs, seed=3)
+    p = [(1.0, 2.0, 3.0), (-20.0, 10.0, 5.0)]
+    # Seeded sampling; multi-threaded float sums may differ in the last bits: agree to 0.05 mm.
+    assert all(np.allclose(r1.transform.TransformPoint(q), r2.transform.TransformPoint(q), atol=0.05) for q in p)
+
+
+def test_n4_recovers_bias(ref) -> None:
+    img, m = ref
+    arr = sitk.GetArrayFromImage(img)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in arr.shape], indexing="ij")
+    log_true = 0.3 * (0.7 * x + 0.5 * y - 0.4 * z + 0.3 * x * y) / 1.9
+    biased = sitk.GetImageFromArray((arr * np.exp(log_true)).astype(np.float32))
+    biased.CopyInformation(img)
+    corrected, log_est = n4_correct(biased, m)
+    mk = sitk.GetArrayViewFromImage(m) > 0
+    assert np.corrcoef(sitk.GetArrayFromImage(log_est)[mk], log_true[mk])[0, 1] >= 0.85
+    wm = mk & (arr > np.percentile(arr[mk], 80))
+    cv = lambda a: a[wm].std() / a[wm].mean()  # noqa: E731
+    c = sitk.GetArrayFromImage(corrected)
+    assert cv(c) < cv(arr * np.exp(log_true))
+    assert cv(c) <= 1.15 * cv(arr)
+
+
+def test_brain_extraction_stripped_and_skull(ref) -> None:
+    img, m = ref
+    sm = stripped_mask(img)
+    assert sm is not None
+    mk = sitk.GetArrayFromImage(m) > 0
+    a = sitk.GetArrayFromImage(sm) > 0
+    assert 2 * (a & mk).sum() / (a.sum() + mk.sum()) > 0.97
+    # Skull-on: CSF rim, bone, bright scalp, noisy background.
+    rng = np.random.default_rng(0)
+    arr = sitk.GetArrayFromImage(img)
+    med = float(np.median(arr[mk]))
+    d = lambda mm: ndimage.binary_dilation(mk, iterations=max(1, round(mm / SP)))  # noqa: E731
+    arr[d(4) & ~mk] = 0.15 * med
+    arr[d(8) & ~d(4)] = 0.1 * med
+    arr[d(16) & ~d(8)] = 1.3 * med
+    arr = arr + np.abs(rng.normal(0, 0.02 * med, arr.shape))
+    skull = sitk.GetImageFromArray(arr.astype(np.float32))
+    skull.CopyInformation(img)
+    assert stripped_mask(skull) is None
+    bm, how = brain_mask(skull, seed=0)
+    b = sitk.GetArrayFromImage(bm) > 0
+    assert how == "atlas"
+    assert 2 * (b & mk).sum() / (b.sum() + mk.sum()) >= 0.97
+
+
+def test_model_grid_centred_on_brain(ref) -> None:
+    img, m = ref
+    g = model_grid(img, m, 4.0, (48, 48, 48))
+    assert g.GetSize() == (48, 48, 48) and g.GetDirection() == img.GetDirection()
+    nz = np.argwhere(sitk.GetArrayViewFromImage(m) > 0)
+    centre = m.TransformContinuousIndexToPhysicalPoint(((nz.min(0) + nz.max(0)) / 2)[::-1].tolist())
+    gc = g.TransformContinuousIndexToPhysicalPoint([23.5] * 3)
+    assert np.allclose(centre, gc, atol=1e-6)
+    geo = grid_geometry(g, img)
+    assert set(geo) == {"grid_origin", "grid_spacing", "grid_direction", "grid_size", "reference_origin",
+                        "reference_spacing", "reference_direction", "reference_size"}
+    with pytest.raises(ValueError, match="empty"):
+        model_grid(img, m * 0, 4.0, (16, 16, 16))
+
+
+def test_qc_flags() -> None:
+    assert np.all(robust_z([-0.5, -0.6]) == 0)
+    peers = [-0.6, -0.55, -0.62, -0.05]
+    assert metric_flags(peers[3], peers, 3)
+    assert not metric_flags(peers[0], peers, 0)
+    assert metric_flags(float("nan"), peers, 0)
