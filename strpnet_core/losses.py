@@ -280,12 +280,17 @@ class RiskSetMemory:
     patient's partial likelihood is constant). :meth:`loss` evaluates the partial likelihood over the union of the
     batch (with gradient) and the memory (constants, no gradient):
 
-        loss = (1 / #batch events) sum_{i in batch, event} [ log-denominator over R(t_i) n (batch U memory) - eta_i ]
+        loss = (1 / |K|) sum_{k in K} [ log-denominator over R(t_k) n (batch U memory) - eta_k ],
+        K = the batch's events  U  the remembered events whose risk set holds a batch patient (t_k <= max batch time)
 
-    so the batch's patients compete in risk sets that include remembered patients, and only the batch's events are
-    counted: each remembered event had its term counted when it was in its own batch; counting it again (with no
-    gradient to its own risk) would only add a constant for it and a second, repeated push on the risk sets.
-    Remembered patients tied in time with a batch event share the Efron correction.
+    Why remembered events count: for a batch patient i the gradient of the full partial likelihood is
+    ``-delta_i + sum_k delta_k p_ik`` over the events k whose risk set holds i (``p_ik`` = i's softmax share of
+    R(t_k)). The first part comes from the batch's own events; the second, which pushes censored and late patients
+    DOWN, comes from the other patients' events. Counting only the batch's events drops it: with batches of one
+    patient every event pushes its own risk up, a censored patient never moves, and the ranking does not train.
+    Events whose risk set holds no batch patient add only constants and are left out, so the gradient with respect
+    to the batch is exactly that of the full partial likelihood over ``batch U memory``.
+    Remembered patients tied in time with an event share the Efron correction.
 
     Bias: remembered risks were computed by earlier weights (stale by up to ``size / batch`` steps) and are frozen,
     so the gradient is that of a partial likelihood whose comparison set moves more slowly than the model. With a
@@ -350,7 +355,7 @@ class RiskSetMemory:
         ties: Ties = "efron",
         keys: Sequence[Hashable] | None = None,
     ) -> Tensor:
-        """Mean negative log partial likelihood of the batch's events, risk sets = batch U memory (see class doc).
+        """Mean negative log partial likelihood over batch U memory of the events that involve the batch (class doc).
 
         Does not modify the memory (call :meth:`update` after the optimiser step or right after this call).
         Returns 0 with a zero gradient when the batch has no event.
@@ -373,10 +378,11 @@ class RiskSetMemory:
             e_all = torch.cat([e, m[:, 2]])
         else:
             eta_all, t_all, e_all = eta, t, e
-        counted = torch.zeros(eta_all.shape[0], dtype=torch.bool, device=eta.device)
-        counted[: eta.shape[0]] = True
         if eta.shape[0] == 0:
             return eta.sum()
+        # the batch's rows, and the remembered events whose risk set holds a batch patient (see the class doc)
+        counted = t_all <= t.max()
+        counted[: eta.shape[0]] = True
         total, n_events = _cox_nll_terms(eta_all, t_all, e_all, counted, ties)
         return total / n_events.clamp_min(1).to(total.dtype)
 

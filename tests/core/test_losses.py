@@ -233,21 +233,32 @@ def test_memory_of_censored_patients_equals_full_loss(ties: str) -> None:
 
 
 @pytest.mark.parametrize("ties", ["efron", "breslow"])
-def test_memory_split_terms_add_up_to_full_sum(ties: str) -> None:
-    """Counting A's events against B's memory plus B's events against A's memory = the full partial likelihood."""
+def test_memory_gradient_equals_full_likelihood_gradient(ties: str) -> None:
+    """The batch's gradient is that of the full partial likelihood over batch U memory: remembered events whose
+    risk set holds a batch patient push that patient down (without them a censored patient never moves)."""
     rng = np.random.default_rng(5)
     n = 14
     eta = torch.tensor(rng.normal(size=n))
-    t = torch.tensor(rng.integers(0, 4, n).astype(float))  # ties across the two halves
+    t = torch.tensor(rng.integers(0, 4, n).astype(float))  # ties between batch and memory
     e = torch.tensor(rng.integers(0, 2, n).astype(float))
     e[0] = e[n - 1] = 1.0
     a, b = slice(0, 6), slice(6, n)
-    mem_b, mem_a = RiskSetMemory(64), RiskSetMemory(64)
-    mem_b.update(eta[b], t[b], e[b])
-    mem_a.update(eta[a], t[a], e[a])
-    total = mem_b.loss(eta[a], t[a], e[a], ties) * e[a].sum() + mem_a.loss(eta[b], t[b], e[b], ties) * e[b].sum()
-    full = cox_partial_likelihood_loss(eta, t, e, ties=ties, reduction="sum")
-    assert float(total) == pytest.approx(float(full), rel=1e-12)
+    mem = RiskSetMemory(64)
+    mem.update(eta[b], t[b], e[b])
+    batch = eta[a].clone().requires_grad_(True)
+    n_counted = e[a].sum() + (e[b] * (t[b] <= t[a].max())).sum()
+    (mem.loss(batch, t[a], e[a], ties) * n_counted).backward()
+    full_batch = eta[a].clone().requires_grad_(True)
+    cox_partial_likelihood_loss(torch.cat([full_batch, eta[b]]), t, e, ties=ties, reduction="sum").backward()
+    torch.testing.assert_close(batch.grad, full_batch.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_memory_pushes_a_censored_batch_patient_down() -> None:
+    mem = RiskSetMemory(8)
+    mem.update(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+    censored = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    mem.loss(censored, torch.tensor([5.0]), torch.tensor([0.0])).backward()
+    assert float(censored.grad) > 0  # gradient descent lowers the risk of the patient who lived longest
 
 
 def test_memory_fifo_keys_clear_and_no_event() -> None:
@@ -267,7 +278,8 @@ def test_memory_fifo_keys_clear_and_no_event() -> None:
     with_self_excluded = keyed.loss(r, [1.0], [1], keys=["p1"])
     expected = cox_partial_likelihood_loss(torch.tensor([0.7, 0.2]), [1.0, 2.0], [1.0, 0.0])
     assert float(with_self_excluded.detach()) == pytest.approx(float(expected), rel=1e-6)
-    z = keyed.loss(r, [3.0], [0], keys=["p3"])
+    # no batch event, and no remembered event whose risk set holds the batch patient (censored before t = 1)
+    z = keyed.loss(r, [0.5], [0], keys=["p3"])
     z.backward()
     assert float(z.detach()) == 0.0 and float(r.grad.abs().sum()) == 0.0
     with pytest.raises(ValueError, match="size"):
