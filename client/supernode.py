@@ -1,0 +1,158 @@
+"""``flower-client``: a hospital site of a real deployment.
+
+Checks and preprocesses the site's data into its cache (once; reused afterwards), then runs Flower's SuperNode
+(``flower-supernode``) with the federation's CA certificate, the site's private key (node authentication) and
+the node config ``data-dir``, ``cache-dir``, ``site-name`` that the ClientApp reads. Stops the SuperNode (by PID)
+on Ctrl-C / SIGTERM. See docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("flower-client")
+
+_RETRY_DELAY_S = 10.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``flower-client``."""
+    p = argparse.ArgumentParser(
+        prog="flower-client",
+        description="ST-RPNet site: validate and preprocess the local data (cached), then connect to the "
+        "coordinator as a Flower SuperNode and train/evaluate locally. Only weights and aggregate counts leave.",
+    )
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
+    p.add_argument("--data-dir", metavar="DIR", help="the site's raw folder (docs/data-format.md)")
+    p.add_argument("--cache-dir", metavar="DIR", help="preprocessed cache (default ~/.cache/strpnet/SITE)")
+    p.add_argument("--site-name", help="name of the site (default: the data folder's name)")
+    p.add_argument("--ca", metavar="ca.crt", help="the federation's CA certificate (TLS)")
+    p.add_argument("--key", metavar="SITE.key", help="the site's private key (node authentication)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP (testing only; prints a warning)")
+    p.add_argument("--preset", default="demo", choices=("ci", "demo", "brats"),
+                   help="preprocessing grid; must match the run's preset (default demo)")
+    p.add_argument("--seed", type=int, default=0, help="preprocessing seed (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="patients preprocessed in parallel (default 1)")
+    p.add_argument("--port", type=int, default=0,
+                   help="local port of this SuperNode's runtime API; unique per SuperNode on one host "
+                   "(default: a free one)")
+    p.add_argument("--state-dir", metavar="DIR", help="Flower home of this SuperNode (default CACHE_DIR/.flower)")
+    p.add_argument("--max-wait", type=float, default=None,
+                   help="give up when the SuperLink cannot be reached for this many seconds (default: keep trying)")
+    p.add_argument("--retry-seconds", type=float, default=600.0,
+                   help="restart a SuperNode that fails to join (e.g. the coordinator has not registered this site's "
+                   "key yet) for this long (default 600; 0 = never)")
+    p.add_argument("--skip-prepare", action="store_true", help="do not check/preprocess the data before starting")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``flower-client``; returns the SuperNode's exit code."""
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return run_site(args)
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def node_config_string(values: dict[str, str]) -> str:
+    """``key="value" ...`` for ``flower-supernode --node-config`` (TOML strings)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def supernode_command(args: argparse.Namespace, *, site_name: str, data_dir: Path | None, cache_dir: Path,
+                      port: int) -> list[str]:
+    """The ``flower-supernode`` command line of this site."""
+    from strpnet_core.federation import flower_executable
+
+    cmd = [flower_executable("flower-supernode"), "--superlink", args.superlink, "--isolation", "subprocess",
+           "--host", "127.0.0.1", "--port", str(port)]
+    if args.insecure:
+        cmd.append("--insecure")
+    else:
+        if not args.ca:
+            raise ValueError("give --ca ca.crt (the federation's CA) or --insecure")
+        cmd += ["--root-certificates", str(Path(args.ca).resolve())]
+    if args.key:
+        cmd += ["--auth-supernode-private-key", str(Path(args.key).resolve())]
+    if args.max_wait is not None:
+        cmd += ["--max-wait-time", str(args.max_wait)]
+    cfg = {"site-name": site_name, "cache-dir": str(cache_dir)}
+    if data_dir is not None:
+        cfg["data-dir"] = str(data_dir)
+    cmd += ["--node-config", node_config_string(cfg)]
+    return cmd
+
+
+def run_site(args: argparse.Namespace) -> int:
+    """Prepare the site's cache, then run the SuperNode until it exits (or we are stopped)."""
+    from strpnet_core.federation import flower_env, free_port, prepare_site_cache, stop_process
+
+    if args.insecure:
+        log.warning("--insecure: this site talks plain HTTP; weights travel UNENCRYPTED (testing only)")
+    if not args.key:
+        log.warning("no --key: the coordinator will refuse this site if it enforces node authentication")
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir}: no such folder")
+    site_name = args.site_name or (data_dir.name if data_dir else None)
+    if not site_name:
+        raise ValueError("give --site-name or --data-dir")
+    cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else Path.home() / ".cache" / "strpnet" / site_name
+    if not args.skip_prepare:
+        t0 = time.monotonic()
+        info = prepare_site_cache(data_dir, cache_dir, site_name=site_name, preset=args.preset, seed=args.seed,
+                                  workers=args.workers, progress=sys.stderr.isatty())
+        log.info("site %s: %d patient(s) ready in %s (%.0f s)", site_name, info.num_patients, cache_dir,
+                 time.monotonic() - t0)
+    port = args.port or free_port()
+    state = Path(args.state_dir).resolve() if args.state_dir else cache_dir / ".flower"
+    cmd = supernode_command(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir, port=port)
+    stopping: list[int] = []
+    current: list[subprocess.Popen[bytes]] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        for proc in current:
+            log.info("signal %d: stopping the SuperNode (pid %d)", signum, proc.pid)
+            stop_process(proc)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    give_up = time.monotonic() + max(0.0, args.retry_seconds)
+    attempt = 0
+    while True:
+        attempt += 1
+        log.info("starting the SuperNode of %s -> %s (attempt %d)", site_name, args.superlink, attempt)
+        proc = subprocess.Popen(cmd, env=flower_env(state), start_new_session=True)
+        current[:] = [proc]
+        try:
+            rc = proc.wait()
+        finally:
+            stop_process(proc)
+        if stopping or rc == 0:
+            return rc
+        if time.monotonic() + _RETRY_DELAY_S > give_up:
+            log.error("the SuperNode exited with code %d; giving up (is this site's key registered at the "
+                      "coordinator? are --ca and --superlink right?)", rc)
+            return rc
+        log.warning("the SuperNode exited with code %d (not yet registered at the coordinator?); retrying in %.0f s",
+                    rc, _RETRY_DELAY_S)
+        time.sleep(_RETRY_DELAY_S)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Loopback deployment demo: a coordinator and 3 hospital sites on 127.0.0.1, each a separate process with its own
+# data, cache and key, talking TLS with SuperNode authentication -- the real deployment, on one machine.
+#
+#   deploy/loopback_demo.sh [--work DIR] [--data DIR] [--rounds R] [--preset ci|demo] [--patients M] [--port P]
+#
+# --data: a folder with site-01..site-03 (default: generate a synthetic cohort with `strpnet synth`).
+# Outputs: WORK/run (final model, metrics, summary), logs in WORK/logs. Every process started here is stopped by PID.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${BIN:-$ROOT/.venv/bin}
+WORK=$ROOT/runs/loopback-$(date +%Y%m%d-%H%M%S); DATA=""; ROUNDS=3; PRESET=ci; PATIENTS=6; PORT=""
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --work) WORK=$2; shift 2 ;;
+    --data) DATA=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --preset) PRESET=$2; shift 2 ;;
+    --patients) PATIENTS=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "loopback_demo.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+mkdir -p "$WORK/logs"
+PIDS=()
+cleanup() { for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$p" 2>/dev/null || true; done
+            for p in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT INT TERM
+
+SITES=(site-01 site-02 site-03)
+echo "== 1. TLS + site keys ($WORK/certs)"
+args=(); for s in "${SITES[@]}"; do args+=(--site "$s"); done
+"$ROOT/deploy/make_certs.sh" "$WORK/certs" "${args[@]}"
+
+if [[ -z $DATA ]]; then
+  DATA=$WORK/data
+  echo "== 2. synthetic cohort ($PRESET, ~$PATIENTS patients per site) -> $DATA"
+  "$BIN/strpnet" synth --out "$DATA" --sites 3 --patients "$PATIENTS" --preset "$PRESET" --seed 0 --no-png
+fi
+[[ -n $PORT ]] || PORT=$("$BIN/python" -c "from strpnet_core.federation import free_port; print(free_port())")
+
+echo "== 3. coordinator on 127.0.0.1:$PORT (log $WORK/logs/server.log)"
+keys=(); for s in "${SITES[@]}"; do keys+=(--site-key "$WORK/certs/sites/$s/$s.pub"); done
+"$BIN/flower-server" --certs "$WORK/certs" "${keys[@]}" --host 127.0.0.1 --port "$PORT" \
+  --state-dir "$WORK/coordinator" --run-dir "$WORK/run" --rounds "$ROUNDS" -c "preset=$PRESET" \
+  --app-dir "$ROOT" > "$WORK/logs/server.log" 2>&1 &
+SERVER=$!; PIDS+=("$SERVER")
+
+echo "== 4. three sites (each validates + preprocesses its data, then joins)"
+for s in "${SITES[@]}"; do
+  "$BIN/flower-client" --superlink "127.0.0.1:$PORT" --data-dir "$DATA/$s" --cache-dir "$WORK/cache/$s" \
+    --site-name "$s" --ca "$WORK/certs/ca.crt" --key "$WORK/certs/sites/$s/$s.key" --preset "$PRESET" \
+    > "$WORK/logs/$s.log" 2>&1 &
+  PIDS+=("$!")
+done
+
+tail -n +1 -f "$WORK/logs/server.log" --pid "$SERVER" | grep --line-buffered -E "\[strpnet\]|registered|finished|ERROR" &
+TAILPID=$!
+rc=0; wait "$SERVER" || rc=$?
+kill "$TAILPID" 2>/dev/null || true
+echo "== coordinator exited with code $rc; outputs in $WORK/run; logs in $WORK/logs"
+exit "$rc"

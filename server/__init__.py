@@ -1,0 +1,1 @@
+"""The Flower ServerApp of the coordinator (``server.app:app``) and the ``flower-server`` command."""

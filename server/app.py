@@ -1,0 +1,174 @@
+"""The Flower ServerApp: FedAvg over the sites, federated concordance, a checkpoint after every round, run outputs.
+
+Every knob is in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (``flwr run -c key=value`` overrides it); parsing is
+``strpnet_core.federation.FederationConfig``. With ``resume=true`` the run continues from ``run-dir/checkpoint.npz``
+(weights, completed rounds, metrics history, RNG states) and reaches the same final model as an uninterrupted run:
+the sites see the global round number (``round-offset`` in the train/evaluate config) and FedAvg averages in a
+content-defined order.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from strpnet_core.federation import FederationConfig, build_model
+
+from .aggregation import STRPNetFedAvg
+from .checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .outputs import write_final_model, write_metrics, write_summary
+
+app = ServerApp()
+
+#: Model-defining keys that must not change across a resume.
+_FROZEN_ON_RESUME = ("model", "preset", "seed", "val_fraction")
+
+
+def resolve_run_dir(cfg: FederationConfig, run_id: int) -> Path:
+    """The run directory: ``run-dir`` of the run config, else ``runs/run-<run id>`` (absolute)."""
+    return (Path(cfg.run_dir).expanduser() if cfg.run_dir else Path("runs") / f"run-{run_id}").resolve()
+
+
+def _weights(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.array(v.numpy(), copy=True) for k, v in arrays.items()}
+
+
+def _round_row(server_round: int, strategy: STRPNetFedAvg, seconds: float, model_bytes: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"round": server_round, "round_seconds": seconds, "model_bytes": model_bytes}
+    if strategy.last_train_metrics is not None:
+        for k, v in strategy.last_train_metrics.items():
+            row[k.replace("-", "_") if k.startswith("train-") else f"train_{k.replace('-', '_')}"] = v
+    if strategy.last_evaluate_metrics is not None:
+        for k, v in strategy.last_evaluate_metrics.items():
+            row[f"eval_{k.replace('-', '_')}" if k in ("loss", "sites", "num-examples") else k.replace("-", "_")] = v
+    row["train_failures"] = strategy.last_train_failures
+    row["eval_failures"] = strategy.last_evaluate_failures
+    strategy.last_train_metrics = strategy.last_evaluate_metrics = None
+    strategy.last_train_failures = strategy.last_evaluate_failures = 0
+    return row
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federated training described by the run config."""
+    cfg = FederationConfig.from_run_config(context.run_config)
+    run_dir = resolve_run_dir(cfg, context.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg, train_cfg = cfg.model_config(), cfg.train_config()
+
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is not None and not cfg.resume:
+        raise RuntimeError(
+            f"{run_dir} already holds a checkpoint (round {ckpt.server_round}); run with resume=true to continue it "
+            f"or give another run-dir"
+        )
+    if ckpt is not None:
+        for key in _FROZEN_ON_RESUME:
+            if ckpt.config.get(key) != cfg.to_dict().get(key):
+                raise RuntimeError(
+                    f"resume: {key} differs from the checkpoint's ({ckpt.config.get(key)!r} != "
+                    f"{cfg.to_dict().get(key)!r}); a resumed run must keep the model and data settings"
+                )
+        restore_rng(ckpt.rng)
+        done, history = ckpt.server_round, list(ckpt.history)
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ckpt.weights.items()})
+        log(INFO, "[strpnet] resuming %s from round %d", run_dir, done)
+    else:
+        if cfg.resume:
+            log(INFO, "[strpnet] resume=true but %s holds no checkpoint: starting a new run", run_dir)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        model = build_model(cfg)
+        arrays = ArrayRecord(model.state_dict())
+        done, history = 0, []
+        save_checkpoint(run_dir, Checkpoint(0, _weights(arrays), [], cfg.to_dict(), capture_rng()))
+
+    total = cfg.num_server_rounds
+    model_bytes = arrays.count_bytes()
+    log(INFO, "[strpnet] run dir %s; rounds %d..%d; model %.2f MB", run_dir, done + 1, total, model_bytes / 1e6)
+    strategy = STRPNetFedAvg(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+    )
+    state: dict[str, Any] = {"arrays": arrays, "t": time.monotonic(), "start": time.monotonic()}
+
+    def after_round(local_round: int, current: ArrayRecord) -> MetricRecord | None:
+        """FedAvg's evaluate_fn: called before round 1 and after each round; checkpoints the global state."""
+        now = time.monotonic()
+        if local_round == 0:
+            state["t"] = now
+            return None
+        server_round = done + local_round
+        row = _round_row(server_round, strategy, now - state["t"], model_bytes)
+        state["t"], state["arrays"] = now, current
+        history.append(row)
+        save_checkpoint(run_dir, Checkpoint(server_round, _weights(current), history, cfg.to_dict(), capture_rng()))
+        write_metrics(run_dir, history)
+        log(
+            INFO,
+            "[strpnet] round %d/%d: federated C-index %s (%s comparable pairs), Dice %s, eval loss %s, "
+            "train loss %s, %s s",
+            server_round, total, _fmt(row.get("c_index")), _fmt(row.get("comparable"), ".0f"),
+            _fmt(row.get("dice")), _fmt(row.get("eval_loss"), ".4f"), _fmt(row.get("train_loss"), ".4f"),
+            _fmt(row["round_seconds"], ".1f"),
+        )
+        if row["train_failures"] or row["eval_failures"]:
+            log(WARNING, "[strpnet] round %d: %d train and %d evaluate replies were errors", server_round,
+                row["train_failures"], row["eval_failures"])
+        return None
+
+    remaining = total - done
+    if remaining > 0:
+        offset = ConfigRecord({"round-offset": done})
+        strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            timeout=cfg.round_timeout,
+            train_config=offset,
+            evaluate_config=ConfigRecord({"round-offset": done}),
+            evaluate_fn=after_round,
+        )
+    else:
+        log(INFO, "[strpnet] the checkpoint already has %d of %d rounds: writing the outputs only", done, total)
+
+    final: ArrayRecord = state["arrays"]
+    model_path = write_final_model(run_dir, final.to_torch_state_dict(), model_cfg.to_dict(), train_cfg.to_dict(),
+                                   server_round=max(done, history[-1]["round"] if history else 0))
+    write_metrics(run_dir, history)
+    last = history[-1] if history else {}
+    scored = [r for r in history if isinstance(r.get("c_index"), float) and r["c_index"] == r["c_index"]]
+    best = max(scored, key=lambda r: r["c_index"]) if scored else None
+    write_summary(run_dir, {
+        "run_id": context.run_id,
+        "run_dir": str(run_dir),
+        "rounds_completed": last.get("round", done),
+        "num_server_rounds": total,
+        "resumed_from_round": done if ckpt is not None else None,
+        "final": {k: last.get(k) for k in ("c_index", "dice", "eval_loss", "train_loss", "comparable", "n_patients",
+                                           "n_events")},
+        "best_round_by_c_index": best["round"] if best else None,
+        "best_c_index": best["c_index"] if best else None,
+        "model_path": str(model_path),
+        "model_bytes": model_bytes,
+        "wall_seconds_this_session": time.monotonic() - state["start"],
+        "config": cfg.to_dict(),
+        "privacy": "sites sent only weights and aggregate counts (pair counts, Dice sums, loss sums, numbers of "
+                   "patients/events, training means)",
+    })
+    log(INFO, "[strpnet] done: outputs in %s", run_dir)

@@ -1,0 +1,167 @@
+"""``flower-server``: the coordinator of a real deployment.
+
+Starts Flower's SuperLink with TLS (plain HTTP only with ``--insecure``, which warns) and SuperNode
+authentication, keeps its state in a database, registers the sites' public keys, submits the ST-RPNet run
+(``flwr run APP strpnet --stream``), streams its progress, leaves the outputs in the run directory and stops the
+SuperLink it started (by PID). See docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("flower-server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``flower-server``."""
+    p = argparse.ArgumentParser(
+        prog="flower-server",
+        description="ST-RPNet coordinator: start a Flower SuperLink (TLS + SuperNode authentication), register the "
+        "sites' public keys, run federated training and write the run directory (final model, metrics, summary).",
+    )
+    p.add_argument("--certs", metavar="DIR", help="folder with ca.crt, server.pem, server.key (deploy/make_certs.sh)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP without TLS (testing only; prints a warning)")
+    p.add_argument("--site-key", action="append", default=[], metavar="SITE.pub",
+                   help="public key of a site allowed to join (repeat per site)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="let any SuperNode join (no node authentication; testing only; prints a warning)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the SuperLink listens on (default 127.0.0.1; 0.0.0.0 for other hosts)")
+    p.add_argument("--port", type=int, default=9092, help="SuperLink port (HTTPS API for sites and flwr; default 9092)")
+    p.add_argument("--state-dir", default=str(Path.home() / ".strpnet" / "coordinator"), metavar="DIR",
+                   help="SuperLink state: database, Flower home, logs (default ~/.strpnet/coordinator)")
+    p.add_argument("--database", metavar="FILE", help="SuperLink database (default STATE_DIR/superlink.db)")
+    p.add_argument("--run-dir", metavar="DIR", help="outputs of the run (default runs/fed-<date-time>)")
+    p.add_argument("--rounds", type=int, help="num-server-rounds (default: pyproject's)")
+    p.add_argument("--min-sites", type=int,
+                   help="sites needed to start and in every round (default: the number of --site-key)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR's checkpoint")
+    p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config key (repeatable), e.g. -c local-epochs=2")
+    p.add_argument("--app-dir", metavar="DIR", help="the Flower app (default: this installation's source root)")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="bound on the whole run in seconds")
+    p.add_argument("--verbose-flower", action="store_true", help="show Flower's full log (default: progress lines)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``flower-server``; returns the exit code."""
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return coordinate(args)
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def coordinate(args: argparse.Namespace) -> int:
+    """Run the coordinator described by ``args`` (see :func:`build_parser`)."""
+    from strpnet_core.commands.simulate import parse_overrides
+    from strpnet_core.federation import stop_process
+
+    from .launch import (
+        TLSFiles,
+        app_dir,
+        flwr_run_stream,
+        register_supernode,
+        start_superlink,
+        write_flwr_config,
+        write_run_config,
+    )
+
+    if args.insecure:
+        tls = None
+        log.warning("--insecure: the SuperLink serves plain HTTP; weights and metrics travel UNENCRYPTED. "
+                    "Use TLS (--certs) for anything but a local test.")
+    else:
+        if not args.certs:
+            raise ValueError("give --certs DIR (ca.crt, server.pem, server.key; deploy/make_certs.sh) or --insecure")
+        tls = TLSFiles.from_dir(args.certs)
+    auth = not args.no_auth
+    if auth and not args.site_key:
+        raise ValueError("node authentication is on: give every site's public key with --site-key (or --no-auth)")
+    if not auth:
+        log.warning("--no-auth: any SuperNode that reaches the SuperLink can join the federation")
+    keys = [Path(k) for k in args.site_key]
+    for k in keys:
+        if not k.is_file():
+            raise FileNotFoundError(f"--site-key {k}: no such file")
+    min_sites = args.min_sites or max(1, len(keys))
+
+    state = Path(args.state_dir).resolve()
+    flwr_home = state / "flower"
+    database = Path(args.database).resolve() if args.database else state / "superlink.db"
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    write_flwr_config(flwr_home, f"{connect_host}:{args.port}", root_certificates=None if tls is None else tls.ca_cert,
+                      insecure=tls is None)
+    values: dict[str, Any] = {"run-dir": str(run_dir), "resume": bool(args.resume), "min-available-nodes": min_sites,
+                              "min-train-nodes": min_sites, "min-evaluate-nodes": min_sites}
+    if args.rounds:
+        values["num-server-rounds"] = args.rounds
+    values.update(parse_overrides(args.run_config))
+    config_file = write_run_config(flwr_home / "run_config.toml", values)
+
+    log.info("starting the SuperLink on %s:%d (%s, node authentication %s); state in %s", args.host, args.port,
+             "TLS" if tls else "PLAIN HTTP", "on" if auth else "OFF", state)
+    superlink = start_superlink(flwr_home, host=args.host, port=args.port, tls=tls, enable_supernode_auth=auth,
+                                database=database, log_file=state / "superlink.log")
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM,)}
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for k in keys:
+            try:
+                register_supernode(k, flwr_home)
+                log.info("registered site key %s", k)
+            except RuntimeError as exc:
+                if "already" in str(exc).lower():
+                    log.info("site key %s was already registered", k)
+                else:
+                    raise
+        log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
+
+        def show(line: str) -> None:
+            if args.verbose_flower or any(s in line for s in ("[strpnet]", "[ROUND", "ERROR", "Traceback",
+                                                                "Successfully started run", "failures")):
+                print(line, flush=True)
+
+        outcome = flwr_run_stream(Path(args.app_dir) if args.app_dir else app_dir(), flwr_home,
+                                  run_config_file=config_file, timeout_s=args.timeout, on_line=show)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping the SuperLink")
+        return 130
+    finally:
+        stop_process(superlink)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    summary = run_dir / "summary.json"
+    s = json.loads(summary.read_text()) if summary.is_file() else {}
+    if outcome.returncode != 0 or s.get("run_id") != outcome.run_id:
+        tail = "\n".join(outcome.lines[-40:])
+        raise RuntimeError(f"the run failed (flwr run exit {outcome.returncode}); last lines:\n{tail}")
+    print(f"run {outcome.run_id} finished: {s['rounds_completed']} rounds, final federated C-index "
+          f"{s['final'].get('c_index')}, Dice {s['final'].get('dice')}; outputs in {run_dir} "
+          f"({outcome.seconds:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Starting Flower's own programs for a run: a SuperLink, ``flwr supernode register``, ``flwr run --stream``.
+
+Used by ``flower-server`` (deployment: TLS + SuperNode authentication) and ``strpnet simulate`` (a private
+simulation-mode SuperLink on a free 127.0.0.1 port, so that parallel simulations never share one). Every process
+gets its own ``FLWR_HOME``, telemetry off and no runtime dependency installation (``strpnet_core.federation.
+flower_env``); every process started here is stopped by its PID (:func:`strpnet_core.federation.stop_process`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from strpnet_core.federation import flower_env, flower_executable, stop_process
+
+#: Name of the SuperLink connection written into ``$FLWR_HOME/config.toml``.
+CONNECTION = "strpnet"
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """The coordinator's TLS material (``deploy/make_certs.sh`` writes it).
+
+    Attributes
+    ----------
+    ca_cert:
+        The CA certificate (``ca.crt``): sites and ``flwr`` verify the SuperLink with it.
+    server_cert, server_key:
+        The SuperLink's certificate (SAN: its host names / IPs) and private key.
+    """
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def from_dir(cls, certs_dir: str | os.PathLike[str]) -> TLSFiles:
+        """``ca.crt``, ``server.pem``, ``server.key`` of a folder; FileNotFoundError naming what is missing."""
+        d = Path(certs_dir)
+        tls = cls(d / "ca.crt", d / "server.pem", d / "server.key")
+        missing = [str(p) for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"TLS files missing: {', '.join(missing)} (make them with deploy/make_certs.sh)")
+        return tls
+
+
+def write_flwr_config(
+    flwr_home: str | os.PathLike[str],
+    address: str,
+    *,
+    root_certificates: str | os.PathLike[str] | None = None,
+    insecure: bool = False,
+) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection :data:`CONNECTION` (the default).
+
+    Parameters
+    ----------
+    flwr_home:
+        The run's private Flower home.
+    address:
+        ``host:port`` of the SuperLink's HTTP API.
+    root_certificates:
+        CA certificate to verify the SuperLink (TLS).
+    insecure:
+        Plain HTTP (simulation on 127.0.0.1, or an explicit ``--insecure`` deployment).
+    """
+    import tomli_w
+
+    conn: dict[str, Any] = {"address": address}
+    if insecure:
+        conn["insecure"] = True
+    elif root_certificates is not None:
+        conn["root-certificates"] = str(Path(root_certificates).resolve())
+    doc = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
+    home = Path(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    return path
+
+
+def wait_superlink_ready(
+    proc: subprocess.Popen[Any], url: str, *, verify: str | bool, timeout_s: float, log_file: Path | None
+) -> None:
+    """Poll ``url`` (the SuperLink's ``/health``) until it answers; RuntimeError with the log tail otherwise."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}{_log_tail(log_file)}")
+        try:
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"flower-superlink not ready at {url} after {timeout_s:.0f} s{_log_tail(log_file)}")
+
+
+def _log_tail(log_file: Path | None, n: int = 25) -> str:
+    if log_file is None or not log_file.is_file():
+        return ""
+    lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
+    return f"; last lines of {log_file}:\n" + "\n".join(lines)
+
+
+def start_superlink(
+    flwr_home: str | os.PathLike[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int,
+    tls: TLSFiles | None,
+    enable_supernode_auth: bool = False,
+    simulation: bool = False,
+    database: str | os.PathLike[str] | None = None,
+    log_file: str | os.PathLike[str] | None = None,
+    ready_timeout_s: float = 60.0,
+) -> subprocess.Popen[Any]:
+    """Start ``flower-superlink`` in its own process group and wait until its HTTP API answers.
+
+    Parameters
+    ----------
+    flwr_home:
+        Private Flower home of this SuperLink.
+    host, port:
+        Where its HTTP API (Fleet + Control + runtime) listens.
+    tls:
+        TLS files, or None for plain HTTP (``--insecure``; simulation on 127.0.0.1 or an explicit choice).
+    enable_supernode_auth:
+        Only SuperNodes whose public key was registered (``flwr supernode register``) may connect.
+    simulation:
+        Simulation runtime (SuperNodes simulated by the run itself).
+    database:
+        SQLite file of the SuperLink's state (persists registered nodes and runs); None = in memory.
+    log_file:
+        SuperLink log file.
+    ready_timeout_s:
+        Bound on the start-up wait.
+
+    Returns
+    -------
+    subprocess.Popen
+        The SuperLink process (stop it with ``stop_process``).
+    """
+    cmd = [flower_executable("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation", "--isolation", "subprocess"]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                "--ssl-keyfile", str(tls.server_key)]
+    if enable_supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    if simulation:
+        cmd.append("--simulation")
+    if database is not None:
+        cmd += ["--database", str(database)]
+    log_path = Path(log_file) if log_file is not None else Path(flwr_home) / "superlink.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd += ["--log-file", str(log_path)]
+    out = open(log_path.with_suffix(".stdout"), "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(cmd, env=flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    out.close()
+    scheme = "http" if tls is None else "https"
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    verify: str | bool = False if tls is None else str(tls.ca_cert)
+    try:
+        wait_superlink_ready(proc, f"{scheme}://{connect_host}:{port}/health", verify=verify,
+                             timeout_s=ready_timeout_s, log_file=log_path)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
+def run_flwr(
+    args: Sequence[str],
+    flwr_home: str | os.PathLike[str],
+    *,
+    timeout_s: float = 120.0,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a short ``flwr`` command (``supernode register``, ``stop``, ``ls``) with the run's environment."""
+    return subprocess.run([flower_executable("flwr"), *args], env=flower_env(flwr_home), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def register_supernode(public_key: str | os.PathLike[str], flwr_home: str | os.PathLike[str],
+                       *, name: str | None = None) -> None:
+    """``flwr supernode register KEY.pub strpnet``; RuntimeError with Flower's message when refused."""
+    args = ["supernode", "register", str(public_key), CONNECTION]
+    if name:
+        args += ["--name", name]
+    res = run_flwr(args, flwr_home)
+    if res.returncode != 0:
+        raise RuntimeError(f"registering {public_key} failed (exit {res.returncode}): "
+                           f"{(res.stdout + res.stderr).strip()[-2000:]}")
+
+
+def write_run_config(path: str | os.PathLike[str], values: Mapping[str, Any]) -> Path:
+    """Write run-config overrides as a TOML file (passed as ``flwr run -c FILE.toml``: safe quoting of paths)."""
+    import tomli_w
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path.write_text(tomli_w.dumps(nested), encoding="utf-8")
+    return path
+
+
+@dataclass
+class RunOutcome:
+    """What ``flwr run --stream`` left: exit code, Flower's run id, the streamed lines and the wall time."""
+
+    returncode: int
+    run_id: int | None
+    lines: list[str]
+    seconds: float
+
+
+def flwr_run_stream(
+    app_dir: str | os.PathLike[str],
+    flwr_home: str | os.PathLike[str],
+    *,
+    run_config_file: str | os.PathLike[str] | None = None,
+    federation_config: Mapping[str, Any] | None = None,
+    timeout_s: float = 3600.0,
+    on_line: Callable[[str], None] | None = None,
+) -> RunOutcome:
+    """Submit the app with ``flwr run APP strpnet --stream`` and follow its log until the run ends.
+
+    Parameters
+    ----------
+    app_dir:
+        Folder holding the app's ``pyproject.toml`` (the repository root).
+    flwr_home:
+        The run's Flower home (its ``config.toml`` names the SuperLink).
+    run_config_file:
+        TOML file of run-config overrides (:func:`write_run_config`).
+    federation_config:
+        Simulation only: ``num-supernodes``, ``client-resources-num-cpus``, ... (``--federation-config``).
+    timeout_s:
+        Bound on the whole run; on expiry the run is stopped (``flwr stop``) and TimeoutError raised.
+    on_line:
+        Called with every output line (default: echo to stdout).
+
+    Returns
+    -------
+    RunOutcome
+    """
+    cmd = [flower_executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream"]
+    if run_config_file is not None:
+        cmd += ["-c", str(Path(run_config_file).resolve())]
+    if federation_config:
+        cmd += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
+    echo = on_line or (lambda line: print(line, flush=True))
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+                            cwd=str(Path(app_dir).resolve()))
+    lines: list[str] = []
+    run_id: list[int] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            lines.append(line)
+            m = _RUN_ID.search(line)
+            if m and not run_id:
+                run_id.append(int(m.group(1)))
+            echo(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        if run_id:
+            run_flwr(["stop", str(run_id[0]), CONNECTION], flwr_home, timeout_s=60)
+        stop_process(proc)
+        raise TimeoutError(f"flwr run did not finish within {timeout_s:.0f} s") from None
+    except BaseException:
+        if run_id:
+            run_flwr(["stop", str(run_id[0]), CONNECTION], flwr_home, timeout_s=60)
+        stop_process(proc)
+        raise
+    reader.join(timeout=10)
+    return RunOutcome(proc.returncode, run_id[0] if run_id else None, lines, time.monotonic() - t0)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def app_dir() -> Path:
+    """The Flower app folder (repository root with ``pyproject.toml``) of this installation.
+
+    Raises
+    ------
+    FileNotFoundError
+        For a non-editable install, where the app's sources and ``pyproject.toml`` are not together on disk.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file() or not (root / "client" / "app.py").is_file():
+        raise FileNotFoundError(
+            f"no pyproject.toml beside the installed packages ({root}): run from a source checkout installed with "
+            f"`pip install -e .` (or pass --app-dir)"
+        )
+    return root
+
+
+def python_executable() -> str:
+    """The running Python (virtual environment)."""
+    return sys.executable

@@ -1,0 +1,261 @@
+"""``strpnet simulate``: the whole federation on one machine (Flower simulation runtime).
+
+Steps: (1) the synthetic demo cohort is generated when no ``--data`` is given; (2) every site is validated and
+preprocessed into its own cache (``RUN_DIR/cache/<site>``; reused when complete); (3) a private simulation-mode
+Flower SuperLink starts on a free 127.0.0.1 port with its own ``FLWR_HOME`` (``RUN_DIR/flower``), and
+``flwr run . --stream`` submits the ST-RPNet app with one simulated SuperNode per site (partition ``p`` = ``p``-th
+site folder); (4) the ServerApp prints each round's federated C-index and Dice and writes ``RUN_DIR`` (final model,
+metrics CSV/JSON, summary, checkpoint); (5) the SuperLink is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Output lines of ``flwr run --stream`` shown without ``--verbose``.
+_SHOWN = ("[strpnet]", "[ROUND", "ERROR", "Error", "Traceback", "Successfully started run", "failures")
+
+DEFAULT_SITES = 3
+DEFAULT_PATIENTS = "6"
+DEFAULT_ROUNDS = 3
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``simulate`` subcommand."""
+    p = subparsers.add_parser(
+        "simulate",
+        help="run the whole federation on this machine (Flower simulation)",
+        description="Federated ST-RPNet on one machine: each site is a simulated Flower SuperNode on its own folder. "
+        "Without --data the synthetic demo cohort is generated first. Prints each round's federated C-index "
+        "(pooled pair counts) and Dice and leaves RUN_DIR with the final model, metrics.csv/json, summary.json "
+        "and checkpoint.npz. Every other knob: -c key=value (see [tool.flwr.app.config] in pyproject.toml).",
+    )
+    p.add_argument("--data", metavar="DIR", help="folder of raw site folders (default: generate the demo cohort)")
+    p.add_argument("--cache", metavar="DIR", help="folder of per-site caches (default RUN_DIR/cache)")
+    p.add_argument("--sites", type=int, default=None,
+                   help=f"number of sites (default {DEFAULT_SITES} when generating; all of --data otherwise)")
+    p.add_argument("--patients", default=DEFAULT_PATIENTS,
+                   help=f"patients per generated site (default {DEFAULT_PATIENTS}; see strpnet synth)")
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"federated rounds (default {DEFAULT_ROUNDS})")
+    p.add_argument("--preset", default="demo", choices=("ci", "demo", "brats"), help="resolution preset (default demo)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/sim-<date-time>)")
+    p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for cohort generation and preprocessing (default: all CPUs)")
+    p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs reserved per simulated site (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR's checkpoint (same settings)")
+    p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config key, e.g. -c local-epochs=2 -c lr=0.0005 (repeatable)")
+    p.add_argument("--timeout", type=float, default=6 * 3600.0, help="bound on the federated run in seconds")
+    p.add_argument("--verbose-flower", action="store_true", help="show Flower's full log")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["key=value key2=value2", ...]`` with TOML values (quoted strings may hold spaces; bare words are strings)
+    -> dict. Raises ValueError on an item that is not KEY=VALUE."""
+    import re
+    import tomllib
+
+    pair = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+    out: dict[str, Any] = {}
+    for item in items:
+        rest = pair.sub("", item).strip()
+        if rest:
+            raise ValueError(f"-c {item!r}: expected KEY=VALUE pairs, could not read {rest!r}")
+        for key, value in pair.findall(item):
+            try:
+                out[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = value
+    return out
+
+
+def simulate(
+    run_dir: Path,
+    *,
+    data: Path | None,
+    cache: Path | None = None,
+    sites: int | None = None,
+    patients: str = DEFAULT_PATIENTS,
+    rounds: int = DEFAULT_ROUNDS,
+    preset: str = "demo",
+    seed: int = 0,
+    workers: int = 1,
+    cpus_per_site: int = 1,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    timeout_s: float = 6 * 3600.0,
+    verbose_flower: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a federated simulation; return the run's ``summary.json`` content.
+
+    Parameters
+    ----------
+    run_dir:
+        Output folder (created).
+    data:
+        Folder of raw site folders; None generates the synthetic cohort into ``run_dir/data``.
+    cache:
+        Folder of per-site caches (default ``run_dir/cache``). A cache-only site (no raw folder) works too.
+    sites, patients, preset, seed, workers:
+        Cohort and preprocessing settings.
+    rounds:
+        ``num-server-rounds``.
+    cpus_per_site:
+        Flower simulation ``client-resources-num-cpus``.
+    resume:
+        Continue ``run_dir``'s checkpoint.
+    overrides:
+        Further run-config keys.
+    timeout_s:
+        Bound on the Flower run.
+    verbose_flower, progress:
+        Output verbosity.
+
+    Raises
+    ------
+    RuntimeError
+        When the Flower run fails (the log tail is in the message).
+    """
+    from client.site_data import list_sites
+    from server.launch import app_dir, flwr_run_stream, start_superlink, write_flwr_config, write_run_config
+
+    from ..federation import free_port, prepare_site_cache, stop_process
+
+    t_start = time.monotonic()
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache_root = (cache or run_dir / "cache").resolve()
+
+    cache_only = data is None and cache is not None and cache_root.is_dir() and bool(list_sites(cache_root))
+    if cache_only:
+        print(f"[1/3] using the existing site caches in {cache_root} (no raw data)", flush=True)
+        data = cache_root
+    elif data is None:
+        data = run_dir / "data"
+        n_sites = sites or DEFAULT_SITES
+        if not (data / "truth" / "cohort.json").is_file():
+            from ..synth import generate_cohort
+
+            print(f"[1/3] generating the synthetic {preset} cohort: {n_sites} sites, ~{patients} patients each "
+                  f"-> {data}", flush=True)
+            t0 = time.monotonic()
+            cohort = generate_cohort(data, sites=n_sites, patients=patients, preset=preset, seed=seed,
+                                      workers=workers, progress=progress, png=False)
+            print(f"      {cohort.n_patients} patients, {cohort.n_events} events, oracle C-index "
+                  f"{cohort.oracle_c_index:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
+        else:
+            print(f"[1/3] reusing the cohort in {data}", flush=True)
+    data = data.resolve()
+    site_dirs = list_sites(data) if data.is_dir() else []
+    data_root = "" if cache_only else str(data)
+    if not site_dirs:
+        raise FileNotFoundError(f"no site folder under {data}")
+    n_sites = min(sites or len(site_dirs), len(site_dirs))
+    if n_sites < 1:
+        raise ValueError("need at least one site")
+
+    print(f"[2/3] preprocessing {n_sites} site(s) into {cache_root}", flush=True)
+    for site in site_dirs[:n_sites]:
+        t0 = time.monotonic()
+        info = prepare_site_cache(site if data_root else None, cache_root / site.name, site_name=site.name,
+                                  preset=preset, seed=seed, workers=workers, progress=progress)
+        print(f"      {site.name}: {info.num_patients} patients ready ({time.monotonic() - t0:.0f} s)", flush=True)
+
+    flwr_home = run_dir / "flower"
+    port = free_port()
+    write_flwr_config(flwr_home, f"127.0.0.1:{port}", insecure=True)
+    run_values: dict[str, Any] = {
+        "num-server-rounds": rounds,
+        "seed": seed,
+        "preset": preset,
+        "data-root": data_root,
+        "cache-root": str(cache_root),
+        "run-dir": str(run_dir),
+        "resume": resume,
+        "min-train-nodes": n_sites,
+        "min-evaluate-nodes": n_sites,
+        "min-available-nodes": n_sites,
+    }
+    run_values.update(overrides or {})
+    config_file = write_run_config(flwr_home / "run_config.toml", run_values)
+    federation = {"num-supernodes": n_sites, "client-resources-num-cpus": int(cpus_per_site),
+                  "init-args-num-cpus": max(1, os.cpu_count() or 1)}
+
+    print(f"[3/3] federated training: {n_sites} simulated sites, {rounds} rounds (Flower log: {flwr_home})",
+          flush=True)
+
+    def show(line: str) -> None:
+        if verbose_flower or any(s in line for s in _SHOWN):
+            print(line, flush=True)
+
+    superlink = start_superlink(flwr_home, host="127.0.0.1", port=port, tls=None, simulation=True,
+                                database=flwr_home / "state.db")
+    try:
+        outcome = flwr_run_stream(app_dir(), flwr_home, run_config_file=config_file, federation_config=federation,
+                                  timeout_s=timeout_s, on_line=show)
+    finally:
+        stop_process(superlink)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    complete = summary.get("run_id") == outcome.run_id and summary.get("rounds_completed") == rounds
+    if outcome.returncode != 0 or not complete:
+        tail = "\n".join(outcome.lines[-60:])
+        raise RuntimeError(f"the federated run failed (flwr run exit {outcome.returncode}); last lines:\n{tail}")
+    summary["simulate_wall_seconds"] = time.monotonic() - t_start
+    return summary
+
+
+def print_rounds(run_dir: Path) -> None:
+    """Print the per-round table of ``run_dir/metrics.json``."""
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    print(f"{'round':>5}  {'C-index':>7}  {'pairs':>6}  {'Dice':>6}  {'eval loss':>9}  {'train loss':>10}  {'s':>6}")
+    for r in rows:
+        def f(key: str, spec: str) -> str:
+            v = r.get(key)
+            return "n/a" if v is None else format(v, spec)
+        print(f"{r['round']:>5}  {f('c_index', '.3f'):>7}  {f('comparable', '.0f'):>6}  {f('dice', '.3f'):>6}  "
+              f"{f('eval_loss', '.4f'):>9}  {f('train_loss', '.4f'):>10}  {f('round_seconds', '.1f'):>6}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``strpnet simulate``; returns the exit code."""
+    run_dir = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    try:
+        overrides = parse_overrides(args.run_config)
+        summary = simulate(
+            run_dir,
+            data=Path(args.data) if args.data else None,
+            cache=Path(args.cache) if args.cache else None,
+            sites=args.sites,
+            patients=args.patients,
+            rounds=args.rounds,
+            preset=args.preset,
+            seed=args.seed,
+            workers=args.workers,
+            cpus_per_site=args.cpus_per_site,
+            resume=args.resume,
+            overrides=overrides,
+            timeout_s=args.timeout,
+            verbose_flower=args.verbose_flower,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        log.error("%s", exc)
+        return 1
+    print()
+    print_rounds(run_dir.resolve())
+    print(f"\nrun directory: {summary['run_dir']} ({summary['simulate_wall_seconds']:.0f} s in all)")
+    return 0

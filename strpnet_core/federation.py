@@ -1,0 +1,751 @@
+"""Logic shared by the Flower ClientApp, the ServerApp and the deployment/simulation commands.
+
+Nothing here talks to Flower's network stack: this module turns the Flower *run config* (configuration as data,
+``[tool.flwr.app.config]`` in ``pyproject.toml``, overridable with ``flwr run -c``) into ``ModelConfig`` /
+``TrainConfig``, prepares a site's cache once (guarded against concurrent first use), runs a site's local training
+and evaluation, and pools the sites' evaluation counts into federated metrics.
+
+Privacy contract
+----------------
+A site sends only model weights and the aggregate numbers of :data:`EVAL_COUNT_KEYS` /
+:func:`train_metrics` (counts, sums and means over its patients); no image, per-patient time, event or risk score.
+
+Pooled concordance
+------------------
+Each site :math:`s` counts, over its own comparable pairs :math:`(i, j)` (``time_i < time_j`` and ``event_i = 1``),
+the concordant pairs :math:`C_s` (``risk_i > risk_j``), discordant pairs :math:`D_s` and pairs tied in risk
+:math:`T_s`; :math:`P_s = C_s + D_s + T_s` pairs are comparable. The federated Harrell's C is
+
+.. math:: C_{fed} = \\frac{\\sum_s C_s + \\tfrac12 \\sum_s T_s}{\\sum_s P_s},
+
+which equals Harrell's C over the union of the within-site pairs (pairs across sites are never formed: that would
+need per-patient values to leave a site). A weighted mean of per-site C-indices is *not* this number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .cache import list_cache
+from .fsutil import atomic_write_json
+
+if TYPE_CHECKING:  # pragma: no cover - import cycles / heavy imports only for typing
+    import torch
+
+    from .model import ModelConfig
+    from .training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+#: Keys of a site's evaluation reply (besides ``num-examples``), the fields of ``EvalAggregates.to_metrics()``.
+EVAL_COUNT_KEYS: tuple[str, ...] = (
+    "concordant",
+    "discordant",
+    "tied_risk",
+    "comparable",
+    "dice_intersection",
+    "dice_denominator",
+    "loss_sum",
+    "n_patients",
+    "n_events",
+)
+#: Flower's weighting key (FedAvg's ``weighted_by_key``).
+NUM_EXAMPLES_KEY = "num-examples"
+#: Prefix of the training metrics a site sends (means over its local epochs).
+TRAIN_METRIC_PREFIX = "train-"
+#: Marker written into a site's cache folder once it is complete.
+READY_MARKER = ".strpnet-ready.json"
+#: Lock file guarding the first use of a site's cache.
+LOCK_FILE = ".strpnet-prepare.lock"
+
+#: Run-config keys read by the server and the client, with their defaults (mirrors ``[tool.flwr.app.config]``).
+RUN_DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 3,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 1.0,
+    "min-train-nodes": 2,
+    "min-evaluate-nodes": 2,
+    "min-available-nodes": 2,
+    "round-timeout": 3600.0,
+    "seed": 0,
+    "preset": "demo",
+    "val-fraction": 0.25,
+    "run-dir": "",
+    "resume": False,
+    "data-root": "",
+    "cache-root": "",
+}
+#: Run-config prefix of ``ModelConfig`` fields (``model.<field-with-dashes>``).
+MODEL_PREFIX = "model."
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run configuration
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The run configuration of one federated run, parsed from Flower's run config.
+
+    Attributes
+    ----------
+    num_server_rounds, fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes:
+        FedAvg knobs (see ``flwr.serverapp.strategy.FedAvg``).
+    round_timeout:
+        Seconds the server waits for the replies of one round.
+    seed:
+        Master seed: initial model, node sampling, every site's local training (with round and site name).
+    preset:
+        Resolution preset of the caches (``ci``, ``demo``, ``brats``); a site's cache must have been built with it.
+    val_fraction:
+        Fraction of each site's patients held out (deterministically) for the federated evaluation.
+    run_dir:
+        Output folder of the server (``""``: ``runs/run-<run id>`` under the server's working directory).
+    resume:
+        Continue from ``run_dir/checkpoint.npz`` when it exists.
+    data_root, cache_root:
+        Simulation only: folder of raw site folders and folder of per-site caches (partition ``p`` = ``p``-th site
+        in name order).
+    model:
+        ``ModelConfig`` fields given as ``model.<field>`` (dashes or underscores).
+    train:
+        ``TrainConfig`` fields given at top level with dashes (``local-epochs``, ``lr``, ``w-cox``, ...).
+    """
+
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    seed: int = 0
+    preset: str = "demo"
+    val_fraction: float = 0.25
+    run_dir: str = ""
+    resume: bool = False
+    data_root: str = ""
+    cache_root: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Parse Flower's (flat) run config.
+
+        Parameters
+        ----------
+        run_config:
+            ``context.run_config``: flat keys with dashes; nested TOML tables appear as ``model.<key>``.
+
+        Returns
+        -------
+        FederationConfig
+
+        Raises
+        ------
+        ValueError
+            For a value of the wrong type or out of range, naming the key.
+        """
+        from .training import TrainConfig
+
+        values: dict[str, Any] = {}
+        for key, default in RUN_DEFAULTS.items():
+            raw = run_config.get(key, default)
+            values[key.replace("-", "_")] = _coerce(key, raw, type(default))
+        train_fields = TrainConfig().to_dict()
+        train: dict[str, Any] = {}
+        for name in train_fields:
+            for key in (_dash(name), name):
+                if key in run_config and key not in RUN_DEFAULTS:
+                    train[name] = run_config[key]
+                    break
+        if "seed" in train_fields:
+            train["seed"] = values["seed"]
+        model: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            if key.startswith(MODEL_PREFIX):
+                model[key[len(MODEL_PREFIX):].replace("-", "_")] = raw
+        known = set(RUN_DEFAULTS) | {_dash(n) for n in train_fields} | set(train_fields)
+        unused = sorted(k for k in run_config if k not in known and not k.startswith(MODEL_PREFIX))
+        if unused:
+            raise ValueError(
+                f"run config key(s) {', '.join(unused)} are not used by strpnet-fed (neither a FedAvg/run knob, a "
+                f"TrainConfig field ({', '.join(_dash(n) for n in train_fields)}) nor model.<ModelConfig field>)"
+            )
+        cfg = cls(**values, model=model, train=train)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Raise ValueError naming the first inconsistent knob."""
+        if self.num_server_rounds < 1:
+            raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
+        for name in ("fraction_train", "fraction_evaluate"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{_dash(name)} must be in [0, 1], got {v}")
+        for name in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_dash(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.round_timeout <= 0:
+            raise ValueError(f"round-timeout must be > 0 s, got {self.round_timeout}")
+
+    def model_config(self) -> ModelConfig:
+        """The ``ModelConfig`` of this run (defaults overridden by ``model.*`` keys)."""
+        from .model import ModelConfig
+
+        base = ModelConfig().to_dict()
+        unknown = sorted(set(self.model) - set(base))
+        if unknown:
+            raise ValueError(
+                f"unknown model key(s) in the run config: {', '.join(MODEL_PREFIX + _dash(k) for k in unknown)}; "
+                f"ModelConfig has {', '.join(MODEL_PREFIX + _dash(k) for k in base)}"
+            )
+        return ModelConfig.from_dict({**base, **self.model})
+
+    def train_config(self) -> TrainConfig:
+        """The ``TrainConfig`` of this run (defaults overridden by the top-level training keys)."""
+        from .training import TrainConfig
+
+        return TrainConfig.from_dict({**TrainConfig().to_dict(), **self.train})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy (for checkpoints and run summaries)."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, str):
+                low = raw.strip().lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                return low in ("true", "1", "yes")
+            return bool(raw)
+        if kind is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"run config {key!r}: expected {kind.__name__}, got {raw!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seeds and splits
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 31-bit seed derived deterministically from ``seed`` and ``parts`` (e.g. round and site name).
+
+    ``sha256("seed:part1:part2...")`` truncated: independent of Python's hash randomisation and of node ids.
+    """
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def split_indices(n: int, val_fraction: float, seed: int, site_name: str) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation split of a site's ``n`` patients (cache order).
+
+    Parameters
+    ----------
+    n:
+        Number of patients of the site.
+    val_fraction:
+        Fraction held out for evaluation; ``round(n * val_fraction)`` patients, at most ``n - 1`` (training keeps one).
+    seed, site_name:
+        The split depends only on these (not on the round): the same patients are held out all run long.
+
+    Returns
+    -------
+    (train, val):
+        Sorted index lists; ``val`` is empty when ``val_fraction == 0`` (then evaluation uses every patient).
+    """
+    if n <= 0:
+        return [], []
+    n_val = min(int(round(n * val_fraction)), n - 1) if val_fraction > 0 else 0
+    perm = np.random.default_rng(derive_seed(seed, "split", site_name)).permutation(n)
+    return sorted(int(i) for i in perm[n_val:]), sorted(int(i) for i in perm[:n_val])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Site cache (first use: validate + preprocess once, guarded by a file lock)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteCache:
+    """A site's ready cache.
+
+    Attributes
+    ----------
+    site_name:
+        Name of the site (never sent anywhere except the site's own logs).
+    cache_dir:
+        Folder of ``<patient>.npz`` files.
+    preset:
+        Preset the cache was built with.
+    num_patients:
+        Number of cached patients.
+    """
+
+    site_name: str
+    cache_dir: Path
+    preset: str
+    num_patients: int
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{path}: another process has been preparing this cache for more than {timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _read_marker(cache_dir: Path) -> dict[str, Any] | None:
+    marker = cache_dir / READY_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _check_preset(cache_dir: Path, info: Mapping[str, Any], preset: str) -> None:
+    got = info.get("preset")
+    if got is not None and got != preset:
+        raise ValueError(
+            f"{cache_dir}: the cache was built with preset {got!r} but this run uses preset {preset!r}; "
+            f"rebuild it (flower-client --preset {preset}, or delete the folder) or run with preset={got!r}"
+        )
+
+
+def prepare_site_cache(
+    data_dir: str | os.PathLike[str] | None,
+    cache_dir: str | os.PathLike[str],
+    *,
+    site_name: str,
+    preset: str,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = False,
+    lock_timeout_s: float = 6 * 3600.0,
+) -> SiteCache:
+    """Make sure ``cache_dir`` holds the site's preprocessed patients; return it.
+
+    The first caller validates ``data_dir`` and preprocesses it into ``cache_dir`` (``strpnet_core.preprocessing``),
+    then writes the marker :data:`READY_MARKER`; later callers (and concurrent ones, which wait on a file lock) reuse
+    the cache. A cache filled by other means (``strpnet preprocess``, tests) is accepted when ``data_dir`` is None or
+    does not exist and the folder holds cache files.
+
+    Parameters
+    ----------
+    data_dir:
+        The site's raw folder (data contract in ``docs/data-format.md``), or None.
+    cache_dir:
+        Where the cache lives (created).
+    site_name:
+        The site's name (for messages and the marker).
+    preset:
+        Resolution preset; a cache built with another preset is refused with a clear error.
+    seed, workers, progress:
+        Passed to ``preprocess_site``.
+    lock_timeout_s:
+        How long a concurrent first use waits for the one that holds the lock.
+
+    Returns
+    -------
+    SiteCache
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is neither raw data nor a cache.
+    ValueError
+        When no patient of the site is usable, or the cache's preset differs.
+    """
+    cache = Path(cache_dir)
+    info = _read_marker(cache)
+    if info is None:
+        with _file_lock(cache / LOCK_FILE, lock_timeout_s):
+            info = _read_marker(cache)  # somebody may have finished while we waited
+            if info is None:
+                info = _build_cache(data_dir, cache, site_name=site_name, preset=preset, seed=seed,
+                                    workers=workers, progress=progress)
+    _check_preset(cache, info, preset)
+    n = len(list_cache(cache))
+    if n == 0:
+        raise ValueError(f"site {site_name}: the cache {cache} holds no patient")
+    return SiteCache(site_name=site_name, cache_dir=cache, preset=str(info.get("preset", preset)), num_patients=n)
+
+
+def _build_cache(
+    data_dir: str | os.PathLike[str] | None,
+    cache: Path,
+    *,
+    site_name: str,
+    preset: str,
+    seed: int,
+    workers: int,
+    progress: bool,
+) -> dict[str, Any]:
+    raw = Path(data_dir) if data_dir else None
+    if raw is not None and raw.is_dir():
+        from .preprocessing.pipeline import preprocess_site
+
+        log.info("site %s: validating and preprocessing %s into %s (preset %s)", site_name, raw, cache, preset)
+        report = preprocess_site(raw, cache, workers=workers, preset=preset, seed=seed, progress=progress)
+        if not report.ok:
+            raise ValueError(f"site {site_name}: no patient of {raw} could be preprocessed:\n{report.table()}")
+        info = {"site_name": site_name, "preset": preset, "source": str(raw), "built": time.time(),
+                "patients_ok": len(report.ok), "patients_total": len(report.results),
+                "settings_hash": str(getattr(report, "settings_hash", ""))}
+    elif list_cache(cache):
+        cached_preset = _cache_preset(cache)
+        info = {"site_name": site_name, "preset": cached_preset or preset, "source": "existing cache",
+                "built": time.time()}
+    else:
+        where = f"{raw} does not exist and " if raw is not None else ""
+        raise FileNotFoundError(f"site {site_name}: {where}{cache} holds no cache file: nothing to train on")
+    atomic_write_json(cache / READY_MARKER, info)
+    return info
+
+
+def _cache_preset(cache: Path) -> str | None:
+    from .cache import load_cached_patient
+
+    files = list_cache(cache)
+    if not files:
+        return None
+    meta = load_cached_patient(files[0]).meta
+    preset = meta.get("preset") if isinstance(meta, dict) else None
+    return str(preset) if preset else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Local training and evaluation (what a site does with a message)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_DATASETS: dict[str, Any] = {}
+
+
+def load_site_dataset(cache_dir: str | os.PathLike[str]) -> Any:
+    """The site's ``PatientDataset``, kept per process (simulation actors reuse it across rounds)."""
+    from .dataset import PatientDataset
+
+    key = str(Path(cache_dir).resolve())
+    if key not in _DATASETS:
+        _DATASETS[key] = PatientDataset(cache_dir)
+    return _DATASETS[key]
+
+
+def site_splits(dataset: Any, cfg: FederationConfig, site_name: str) -> tuple[Any, Any]:
+    """The (train, evaluation) subsets of a site's dataset (evaluation = all patients when val-fraction is 0)."""
+    from torch.utils.data import Subset
+
+    train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.seed, site_name)
+    train = Subset(dataset, train_idx)
+    val = Subset(dataset, val_idx) if val_idx else dataset
+    return train, val
+
+
+def build_model(cfg: FederationConfig, *, seed: int | None = None) -> torch.nn.Module:
+    """A freshly initialised ``STRPNet`` of the run's ``ModelConfig`` (seeded: identical on every process)."""
+    import torch
+
+    from .model import STRPNet
+
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    return STRPNet(cfg.model_config())
+
+
+def local_train(
+    state_dict: Mapping[str, Any],
+    cache_dir: str | os.PathLike[str],
+    cfg: FederationConfig,
+    *,
+    server_round: int,
+    site_name: str,
+) -> tuple[dict[str, Any], dict[str, float | int]]:
+    """Train the global model on a site's training split for ``local-epochs`` epochs.
+
+    Deterministic given (run seed, ``server_round``, ``site_name``): the seed of the local run is
+    ``derive_seed(seed, "train", server_round, site_name)``.
+
+    Parameters
+    ----------
+    state_dict:
+        Global weights (``ArrayRecord.to_torch_state_dict()``).
+    cache_dir:
+        The site's ready cache.
+    cfg:
+        The run configuration.
+    server_round:
+        Global round number (1-based, continuing across a resume).
+    site_name:
+        The site's name.
+
+    Returns
+    -------
+    (state_dict, metrics):
+        Trained weights (CPU tensors) and the metrics a site may send: ``num-examples`` (training patients) and
+        ``train-loss`` plus ``train-<part>`` means, ``train-seconds`` (the site's compute time).
+    """
+    from .training import seed_everything, train_epochs
+
+    train_cfg = cfg.train_config()
+    model = build_model(cfg)
+    model.load_state_dict(state_dict)
+    train_set, _ = site_splits(load_site_dataset(cache_dir), cfg, site_name)
+    seed = derive_seed(cfg.seed, "train", server_round, site_name)
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    result = train_epochs(model, train_set, train_cfg, seed=seed)
+    metrics = train_metrics(result.num_examples, result.loss, result.parts, seconds=time.perf_counter() - t0)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return weights, metrics
+
+
+def train_metrics(
+    num_examples: int, loss: float, parts: Mapping[str, float], *, seconds: float = 0.0
+) -> dict[str, float | int]:
+    """The training MetricRecord content of a site: its example count, mean losses and compute time (aggregates)."""
+    out: dict[str, float | int] = {
+        NUM_EXAMPLES_KEY: int(num_examples),
+        f"{TRAIN_METRIC_PREFIX}loss": float(loss),
+        f"{TRAIN_METRIC_PREFIX}seconds": float(seconds),
+    }
+    for name in sorted(parts):
+        out[f"{TRAIN_METRIC_PREFIX}{name.replace('_', '-')}"] = float(parts[name])
+    return out
+
+
+def local_evaluate(
+    state_dict: Mapping[str, Any],
+    cache_dir: str | os.PathLike[str],
+    cfg: FederationConfig,
+    *,
+    site_name: str,
+) -> dict[str, float | int]:
+    """Evaluate the global model on a site's held-out split; return aggregate counts only.
+
+    Returns
+    -------
+    dict
+        :data:`EVAL_COUNT_KEYS` (pair counts, Dice sums, loss sum, numbers of patients and events) and
+        ``num-examples`` (= evaluated patients). No per-patient value.
+    """
+    from .training import evaluate_model, seed_everything
+
+    train_cfg = cfg.train_config()
+    model = build_model(cfg)
+    model.load_state_dict(state_dict)
+    _, val_set = site_splits(load_site_dataset(cache_dir), cfg, site_name)
+    seed_everything(derive_seed(cfg.seed, "evaluate", site_name))
+    agg = evaluate_model(model, val_set, train_cfg)
+    metrics = dict(agg.to_metrics())
+    missing = [k for k in EVAL_COUNT_KEYS if k not in metrics]
+    if missing:
+        raise RuntimeError(f"EvalAggregates.to_metrics() lacks {missing}: client and core disagree")
+    out: dict[str, float | int] = {k: metrics[k] for k in EVAL_COUNT_KEYS}
+    out[NUM_EXAMPLES_KEY] = int(metrics["n_patients"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pooling (server side, pure functions over plain dicts)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_reply_keys(replies: Sequence[Mapping[str, Any]], required: Sequence[str], *, what: str,
+                     names: Sequence[str] | None = None) -> None:
+    """Raise ValueError when a reply lacks a required key or the replies' key sets differ.
+
+    Parameters
+    ----------
+    replies:
+        One metrics mapping per site.
+    required:
+        Keys every reply must hold.
+    what:
+        ``"evaluate"`` or ``"train"`` (for the message).
+    names:
+        How to name each reply in the message (e.g. ``node 123``); default ``reply #i``.
+    """
+    if not replies:
+        return
+    names = list(names) if names is not None else [f"reply #{i}" for i in range(len(replies))]
+    reference = set(replies[0])
+    for name, rep in zip(names, replies, strict=True):
+        missing = [k for k in required if k not in rep]
+        if missing:
+            raise ValueError(
+                f"{what} reply from {name} lacks key(s) {missing}; got {sorted(rep)}. Every site must run the same "
+                f"strpnet-fed version (client and server disagree on the message format)"
+            )
+        if set(rep) != reference:
+            raise ValueError(
+                f"{what} replies have mismatched keys: {name} has {sorted(rep)} but {names[0]} has "
+                f"{sorted(reference)}; every site must run the same strpnet-fed version"
+            )
+
+
+def pool_eval_counts(replies: Sequence[Mapping[str, float | int]],
+                     names: Sequence[str] | None = None) -> dict[str, float]:
+    """Sum the sites' evaluation counts and derive the federated metrics.
+
+    Returns
+    -------
+    dict
+        The summed :data:`EVAL_COUNT_KEYS`, ``sites`` (number of replies) and
+
+        - ``c-index`` = (concordant + tied_risk / 2) / comparable  (NaN when no pair is comparable),
+        - ``dice`` = 2 * dice_intersection / dice_denominator      (pooled over voxels; 1 when both empty),
+        - ``loss`` = loss_sum / n_patients.
+    """
+    check_reply_keys(replies, EVAL_COUNT_KEYS, what="evaluate", names=names)
+    pooled: dict[str, float] = {k: float(sum(float(r[k]) for r in replies)) for k in EVAL_COUNT_KEYS}
+    pooled.update(derived_eval_metrics(pooled))
+    pooled["sites"] = float(len(replies))
+    return pooled
+
+
+def derived_eval_metrics(counts: Mapping[str, float]) -> dict[str, float]:
+    """C-index (``metrics.ConcordanceCounts``; NaN without comparable pair), pooled Dice
+    (``metrics.dice_from_counts``) and mean loss (NaN without patient) from (pooled) counts."""
+    from .metrics import ConcordanceCounts, dice_from_counts
+
+    c_index = ConcordanceCounts.from_dict(counts).c_index
+    dice = dice_from_counts(counts["dice_intersection"], counts["dice_denominator"])
+    loss = counts["loss_sum"] / counts["n_patients"] if counts["n_patients"] > 0 else math.nan
+    return {"c-index": float(c_index), "dice": float(dice), "loss": float(loss)}
+
+
+def pool_train_metrics(replies: Sequence[Mapping[str, float | int]],
+                       names: Sequence[str] | None = None) -> dict[str, float]:
+    """Example-weighted means of the sites' ``train-*`` metrics; ``num-examples`` is summed."""
+    check_reply_keys(replies, (NUM_EXAMPLES_KEY, f"{TRAIN_METRIC_PREFIX}loss"), what="train", names=names)
+    total = float(sum(float(r[NUM_EXAMPLES_KEY]) for r in replies))
+    out: dict[str, float] = {NUM_EXAMPLES_KEY: total, "sites": float(len(replies))}
+    for key in sorted(replies[0]) if replies else []:
+        if key == NUM_EXAMPLES_KEY:
+            continue
+        if total > 0:
+            out[key] = float(sum(float(r[key]) * float(r[NUM_EXAMPLES_KEY]) for r in replies) / total)
+        else:
+            out[key] = math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes of Flower (shared by `strpnet simulate`, `flower-server`, `flower-client`)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def flower_env(flwr_home: str | os.PathLike[str], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower process: its own ``FLWR_HOME``, telemetry off, no runtime dependency installation.
+
+    Also puts the directory of the running Python (the virtual environment's ``bin``) first on ``PATH`` so that
+    ``flwr``, ``flower-superlink``, ``flwr-serverapp``, ... are the ones of this installation.
+    """
+    import sys
+
+    env = dict(os.environ if base is None else base)
+    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower console script (``flwr``, ``flower-superlink``, ...) of this installation."""
+    import shutil
+    import sys
+
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name}: not found beside {sys.executable} nor on PATH; is flwr installed?")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: Any, *, timeout_s: float = 15.0) -> int | None:
+    """Stop a process we started (``subprocess.Popen``): SIGTERM to it (its process group when it leads one), wait,
+    then SIGKILL. Returns its exit code (None if it could not be reaped)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        pgid = os.getpgid(proc.pid)
+        leads_group = pgid == proc.pid
+    except ProcessLookupError:
+        return proc.poll()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            if leads_group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            break
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.poll()

@@ -1,0 +1,120 @@
+"""Site resolution (node config / simulation partition), first-use cache preparation under a lock, seeds, splits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.site_data import list_sites, resolve_site
+from strpnet_core import federation
+from strpnet_core.cache import CachedPatient, cache_path, save_cached_patient
+from strpnet_core.federation import (
+    READY_MARKER,
+    FederationConfig,
+    derive_seed,
+    prepare_site_cache,
+    split_indices,
+)
+
+
+def _cache(site_dir: Path, n: int = 3, preset: str = "ci") -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        p = CachedPatient(patient_id=f"P{i}", site=site_dir.name, images=rng.normal(size=(1, 4, 4, 4, 4)).astype(
+            np.float32), days=np.zeros(1, np.float32), timepoints=["000"], brain_mask=np.ones((4, 4, 4), np.uint8),
+            event=1, time=100.0 + i, meta={"preset": preset})
+        save_cached_patient(cache_path(site_dir, p.patient_id), p)
+    return site_dir
+
+
+def test_deployment_node_config() -> None:
+    cfg = FederationConfig()
+    loc = resolve_site({"data-dir": "/data/a", "cache-dir": "/cache/a", "site-name": "hospital-a"}, cfg)
+    assert (loc.site_name, str(loc.data_dir), str(loc.cache_dir)) == ("hospital-a", "/data/a", "/cache/a")
+    assert resolve_site({"data-dir": "/data/site-x"}, cfg).site_name == "site-x"
+
+
+def test_simulation_partition_maps_to_the_pth_site(tmp_path: Path) -> None:
+    for name in ("site-02", "site-01", "truth", ".hidden", "site-03"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    assert [p.name for p in list_sites(tmp_path / "data")] == ["site-01", "site-02", "site-03"]
+    cfg = FederationConfig(data_root=str(tmp_path / "data"), cache_root=str(tmp_path / "cache"))
+    loc = resolve_site({"partition-id": 1, "num-partitions": 3}, cfg)
+    assert loc.site_name == "site-02" and loc.data_dir == tmp_path / "data" / "site-02"
+    assert loc.cache_dir == tmp_path / "cache" / "site-02"
+    with pytest.raises(ValueError, match="partition 3 has no site folder"):
+        resolve_site({"partition-id": 3}, cfg)
+    with pytest.raises(ValueError, match="expected data-dir"):
+        resolve_site({"foo": 1}, cfg)
+
+
+def test_existing_cache_is_accepted_and_marked(tmp_path: Path) -> None:
+    site = _cache(tmp_path / "site-01")
+    info = prepare_site_cache(None, site, site_name="site-01", preset="ci")
+    assert info.num_patients == 3 and (site / READY_MARKER).is_file()
+    with pytest.raises(ValueError, match="built with preset 'ci' but this run uses preset 'demo'"):
+        prepare_site_cache(None, site, site_name="site-01", preset="demo")
+
+
+def test_nothing_to_train_on_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing to train on"):
+        prepare_site_cache(tmp_path / "missing", tmp_path / "cache", site_name="x", preset="ci")
+
+
+def test_concurrent_first_use_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = federation._build_cache
+
+    def slow_build(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(federation, "_build_cache", slow_build)
+    site = _cache(tmp_path / "site-01")
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        prepare_site_cache(None, site, site_name="site-01", preset="ci").num_patients)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == [3, 3, 3, 3] and len(calls) == 1
+
+
+def test_seeds_and_splits_are_deterministic() -> None:
+    assert derive_seed(0, "train", 1, "a") == derive_seed(0, "train", 1, "a")
+    assert len({derive_seed(0, "train", r, s) for r in (1, 2) for s in ("a", "b")}) == 4
+    train, val = split_indices(10, 0.3, 0, "a")
+    assert (train, val) == split_indices(10, 0.3, 0, "a")
+    assert len(val) == 3 and sorted(train + val) == list(range(10))
+    assert split_indices(1, 0.5, 0, "a") == ([0], [])
+    assert split_indices(5, 0.0, 0, "a") == ([0, 1, 2, 3, 4], [])
+
+
+def test_run_config_parsing_errors_name_the_key() -> None:
+    pytest.importorskip("strpnet_core.training")
+    with pytest.raises(ValueError, match="num-server-rounds"):
+        FederationConfig.from_run_config({"num-server-rounds": "three"})
+    with pytest.raises(ValueError, match="fraction-train"):
+        FederationConfig.from_run_config({"fraction-train": 1.5})
+    with pytest.raises(ValueError, match="no-such-knob"):
+        FederationConfig.from_run_config({"no-such-knob": 1})
+
+
+def test_pyproject_run_config_parses() -> None:
+    """Every key of [tool.flwr.app.config] is consumed, and the model/train configs build."""
+    pytest.importorskip("strpnet_core.training")
+    pytest.importorskip("strpnet_core.model")
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    root = Path(__file__).resolve().parents[2]
+    run_config = flatten_dict(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    cfg = FederationConfig.from_run_config(run_config)
+    assert cfg.model_config() is not None and cfg.train_config() is not None

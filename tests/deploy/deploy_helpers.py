@@ -1,0 +1,26 @@
+"""Helpers of the deployment test: site caches written directly (the recipe of tests/server/conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from strpnet_core.cache import CachedPatient, cache_path, save_cached_patient
+
+
+def write_site_cache(site_dir: Path, site: str, *, patients: int = 5, size: int = 16, seed: int = 0) -> Path:
+    """Write ``patients`` tiny cached patients (T=2, 4 modalities, ``size``^3) into ``site_dir``."""
+    rng = np.random.default_rng(seed)
+    for i in range(patients):
+        images = rng.normal(0, 0.3, (2, 4, size, size, size)).astype(np.float32)
+        blob = np.zeros((size,) * 3, dtype=np.uint8)
+        blob[4:9, 4:9, 4:9] = 1
+        images[:, 1][:, blob.astype(bool)] += 1.0 + i * 0.3
+        event = int(i % 3 != 2)
+        p = CachedPatient(patient_id=f"{site}-{i:03d}", site=site, images=images,
+                          days=np.array([0.0, 90.0], dtype=np.float32), timepoints=["000", "001"],
+                          brain_mask=np.ones((size,) * 3, dtype=np.uint8), recurrence=blob if event else None,
+                          event=event, time=float(800 - 100 * i), meta={"preset": "ci"})
+        save_cached_patient(cache_path(site_dir, p.patient_id), p)
+    return site_dir

@@ -1,0 +1,74 @@
+"""Argument checks of flower-server / flower-client and the certificate script (no network)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from client.supernode import build_parser as client_parser
+from client.supernode import node_config_string, supernode_command
+from server.coordinator import main as server_main
+from strpnet_core.commands.simulate import parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_server_needs_certs_or_explicit_insecure(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    assert server_main(["--state-dir", str(tmp_path)]) == 1
+    assert "give --certs DIR" in caplog.text
+    caplog.clear()
+    assert server_main(["--certs", str(tmp_path), "--site-key", "x.pub", "--state-dir", str(tmp_path)]) == 1
+    assert "TLS files missing" in caplog.text
+
+
+def test_server_with_auth_needs_site_keys(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    assert server_main(["--insecure", "--state-dir", str(tmp_path)]) == 1
+    assert "UNENCRYPTED" in caplog.text and "--site-key" in caplog.text
+
+
+def test_supernode_command_uses_tls_key_and_node_config(tmp_path: Path) -> None:
+    args = client_parser().parse_args(["--superlink", "h:9092", "--ca", "ca.crt", "--key", "a.key"])
+    cmd = supernode_command(args, site_name="a b", data_dir=tmp_path / "data dir", cache_dir=tmp_path / "c", port=9999)
+    assert cmd[cmd.index("--superlink") + 1] == "h:9092" and "--insecure" not in cmd
+    assert cmd[cmd.index("--root-certificates") + 1].endswith("ca.crt")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1].endswith("a.key")
+    assert cmd[cmd.index("--port") + 1] == "9999"
+    node_config = cmd[cmd.index("--node-config") + 1]
+    assert 'site-name="a b"' in node_config and f'data-dir="{tmp_path / "data dir"}"' in node_config
+    with pytest.raises(ValueError, match="--ca"):
+        supernode_command(argparse.Namespace(superlink="h:1", insecure=False, ca=None, key=None, max_wait=None),
+                          site_name="a", data_dir=None, cache_dir=tmp_path, port=1)
+
+
+def test_node_config_string_is_parsed_back_by_flower() -> None:
+    from flwr.common.config import parse_config_args
+
+    s = node_config_string({"data-dir": "/data/with space", "site-name": "h-1"})
+    assert parse_config_args([s]) == {"data-dir": "/data/with space", "site-name": "h-1"}
+
+
+def test_overrides_are_toml_values() -> None:
+    assert parse_overrides(["lr=0.01 local-epochs=2", "preset=ci", "resume=true", 'run-dir="/a b"']) == {
+        "lr": 0.01, "local-epochs": 2, "preset": "ci", "resume": True, "run-dir": "/a b"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["lr"])
+
+
+def test_make_certs_san_and_keys(tmp_path: Path) -> None:
+    subprocess.run([str(REPO / "deploy" / "make_certs.sh"), str(tmp_path), "--host", "fl.example.org", "--host",
+                    "10.1.2.3", "--site", "h1"], check=True, capture_output=True, timeout=120)
+    san = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-ext", "subjectAltName"],
+                         check=True, capture_output=True, text=True).stdout
+    for name in ("DNS:localhost", "IP Address:127.0.0.1", "DNS:fl.example.org", "IP Address:10.1.2.3"):
+        assert name in san
+    subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
+                   check=True, capture_output=True)
+    assert (tmp_path / "sites/h1/h1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert (tmp_path / "sites/h1/h1.key").stat().st_mode & 0o077 == 0
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_private_key((tmp_path / "sites/h1/h1.key").read_bytes(), password=None)
+    assert key.curve.name == "secp384r1"  # type: ignore[union-attr]
