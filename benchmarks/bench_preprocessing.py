@@ -32,7 +32,7 @@ def _truth_tx(path: Path) -> sitk.Transform:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo")
-    ap.add_argument("--sites", type=int, default=2)
+    ap.add_argument("--sites", type=int, default=1)
     ap.add_argument("--patients", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from strpnet_core.preprocessing.bias import n4_correct
     from strpnet_core.preprocessing.brain import brain_mask
-    from strpnet_core.preprocessing.pipeline import estimate_transforms, preprocess_site
+    from strpnet_core.preprocessing.pipeline import preprocess_patient
     from strpnet_core.preprocessing.qc import dice
     from strpnet_core.preprocessing.registration import mean_displacement_error
     from strpnet_core.site import validate_site
@@ -61,28 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     for site_dir in sorted(p for p in cohort.iterdir() if p.name.startswith("site-")):
         out = args.work / f"cache-{args.preset}" / site_dir.name
-        report = preprocess_site(site_dir, out, preset=args.preset, seed=args.seed, progress=False,
-                                 threads=args.threads)
-        for r in report.results:
-            qc = json.loads((out / f"{r.patient_id}.qc.json").read_text())
-            for s in qc["scans"]:
-                for k, v in s.get("seconds", {}).items():
-                    steps.setdefault(k, []).append(v)
         index = validate_site(site_dir, require_outcomes=False, check_voxels=False)
         truth = cohort / "truth" / site_dir.name
         for rec in index.patients:
             tdir = truth / rec.patient_id
-            est = estimate_transforms(rec, preset=args.preset, seed=args.seed)
+            est: dict = {}
+            r = preprocess_patient(rec, site_name=index.site_name, out_dir=out, preset=args.preset, seed=args.seed,
+                                   transforms_out=est)
+            print(f"{rec.patient_id}: {r.status} {r.seconds:.1f} s {r.error or ''}", flush=True)
+            qc = json.loads((out / f"{r.patient_id}.qc.json").read_text())
+            for s in qc["scans"]:
+                for k, v in s.get("seconds", {}).items():
+                    steps.setdefault(k, []).append(v)
             for scan in rec.scans:
                 tm = sitk.ReadImage(str(tdir / f"{rec.patient_id}-{scan.timepoint}-brainmask.nii.gz"))
                 for m, path in scan.images.items():
-                    tfile = next(iter(sorted(tdir.glob(f"{rec.patient_id}-{scan.timepoint}-{m}.*"))), None)
-                    if tfile is None or (scan.timepoint, m) not in est:
-                        continue
+                    tfile = tdir / f"{rec.patient_id}-{scan.timepoint}-{m}.tfm"
                     img = sitk.ReadImage(str(path), sitk.sitkFloat32)
                     mmask = sitk.Resample(tm, img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-                    err = mean_displacement_error(est[(scan.timepoint, m)], _truth_tx(tfile), mmask)
-                    (reg_long if m == "t1c" else reg_mod).append(err) if scan.timepoint != "000" or m != "t1c" else None
+                    if tfile.exists() and (scan.timepoint, m) in est and (scan.timepoint != "000" or m != "t1c"):
+                        err = mean_displacement_error(est[(scan.timepoint, m)], _truth_tx(tfile), mmask)
+                        (reg_long if m == "t1c" else reg_mod).append(err)
                     bias_file = tdir / f"{rec.patient_id}-{scan.timepoint}-{m}-bias.nii.gz"
                     if bias_file.exists():
                         _, lb = n4_correct(img, mmask)

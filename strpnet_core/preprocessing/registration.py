@@ -155,13 +155,16 @@ def register_rigid(
     settings: LinearSettings = LinearSettings(),
     seed: int = 0,
     initial: sitk.Transform | None = None,
+    init: str = "moments",
 ) -> RegistrationResult:
     """Rigid registration maximising Mattes mutual information.
 
     Finds the rotation ``R`` and translation ``t`` of ``T(x) = R (x - c) + c + t`` minimising
     ``-MI(F(x), M(T(x)))`` over random samples (``settings.sampling_percentage`` of the fixed voxels, seeded
-    by ``seed``) inside ``fixed_mask``; initialised by matching the centres of mass (MOMENTS) unless ``initial``
-    (a rigid transform) is given.
+    by ``seed``) inside ``fixed_mask``.  Start: ``initial`` (a rigid transform) when given; else ``init``:
+    ``"moments"`` matches the centres of mass (for scans taken in different sessions), ``"identity"`` starts at
+    ``T = id`` with the rotation centre ``c`` at the fixed mask's (else image's) geometric centre (for modalities
+    of one session: their centres of mass are biased by the tumour/oedema, which is bright in some contrasts only).
 
     Raises
     ------
@@ -170,7 +173,12 @@ def register_rigid(
     """
     t0 = time.perf_counter()
     fixed_f, moving_f = _as_float(fixed), _as_float(moving)
-    if initial is None:
+    if initial is None and init == "identity":
+        tx = sitk.Euler3DTransform()
+        tx.SetCenter(_geometric_centre(fixed_mask if fixed_mask is not None else fixed_f))
+    elif initial is None:
+        if init != "moments":
+            raise ValueError(f"register_rigid: unknown init {init!r} (moments or identity)")
         tx = sitk.CenteredTransformInitializer(
             fixed_f, moving_f, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
         )
@@ -373,6 +381,16 @@ def mean_displacement_error(
         q = estimated.TransformPoint(truth.TransformPoint(p))
         errs[i] = math.dist(p, q)
     return float(errs.mean())
+
+
+def _geometric_centre(img: sitk.Image) -> tuple[float, float, float]:
+    """Physical centre of the bounding box of the non-zero voxels of ``img`` (of the whole grid when empty)."""
+    nz = np.argwhere(sitk.GetArrayViewFromImage(img) != 0)
+    if len(nz) == 0:
+        idx = [(s - 1) / 2.0 for s in img.GetSize()]
+    else:
+        idx = ((nz.min(0) + nz.max(0)) / 2.0)[::-1].tolist()
+    return tuple(img.TransformContinuousIndexToPhysicalPoint([float(i) for i in idx]))  # type: ignore[return-value]
 
 
 def _as_float(img: sitk.Image) -> sitk.Image:

@@ -19,7 +19,9 @@ def model_grid(
 
         origin = c - D @ (spacing * (size - 1) / 2)
 
-    with ``D`` the direction matrix and ``size`` in x, y, z order.
+    with ``D`` the direction matrix and ``size`` in x, y, z order; the origin is then snapped to the nearest voxel
+    centre of ``reference`` (continuous index rounded), so that with equal spacing and direction the grid's voxels
+    ARE reference voxels and labels map back and forth exactly (the centre moves by at most half a voxel).
 
     Raises
     ------
@@ -37,6 +39,8 @@ def model_grid(
     direction = np.asarray(reference.GetDirection()).reshape(3, 3)
     half = spacing_mm * (np.asarray(size) - 1) / 2.0
     origin = centre - direction @ half
+    snapped = np.round(reference.TransformPhysicalPointToContinuousIndex(origin.tolist()))
+    origin = np.asarray(reference.TransformContinuousIndexToPhysicalPoint(snapped.tolist()))
     grid = sitk.Image(size, sitk.sitkUInt8)
     grid.SetSpacing([float(spacing_mm)] * 3)
     grid.SetDirection(reference.GetDirection())
