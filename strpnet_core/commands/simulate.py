@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _SHOWN = ("[strpnet]", "[ROUND", "ERROR", "Error", "Traceback", "Successfully started run", "failures")
 
 DEFAULT_SITES = 3
-DEFAULT_PATIENTS = "6"
+DEFAULT_PATIENTS = "4"
 DEFAULT_ROUNDS = 3
 
 
