@@ -139,7 +139,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     """Print the results with ratios (ST-RPNet / DynUNet at equal precision; bf16 / fp32 per network)."""
     ok = {(r["network"], r["precision"]): r for r in rows if "error" not in r}
     head = (f"{'network':<9} {'prec':<5} {'params':>9} {'step s':>8} {'min s':>8} {'peak MB':>9} "
-            f"{'vs dynunet':>10} {'vs fp32':>8}")
+            f"{'step MB':>8} {'vs dynunet':>10} {'vs fp32':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -149,16 +149,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ref = ok.get(("dynunet", r["precision"]))
         fp = ok.get((r["network"], "fp32"))
         mem = r.get("peak_cuda_mb", r["peak_rss_mb"])
+        delta = "-" if "peak_cuda_mb" in r else f"{r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f}"
         vs_ref = f"{r['step_median_s'] / ref['step_median_s']:.2f}x" if ref else "-"
         vs_fp = f"{r['step_median_s'] / fp['step_median_s']:.2f}x" if fp else "-"
         print(f"{r['network']:<9} {r['precision']:<5} {r['params']:>9,} {r['step_median_s']:>8.3f} "
-              f"{r['step_min_s']:>8.3f} {mem:>9.0f} {vs_ref:>10} {vs_fp:>8}")
+              f"{r['step_min_s']:>8.3f} {mem:>9.0f} {delta:>8} {vs_ref:>10} {vs_fp:>8}")
     if ok:
         any_row = next(iter(ok.values()))
         kind = "CUDA max_memory_allocated" if "peak_cuda_mb" in any_row else "process peak RSS (ru_maxrss)"
         print(f"\nsize {any_row['size']}^3, T={any_row['timepoints']}, batch {any_row['batch']}, device "
               f"{any_row['device']}, {any_row['threads']} thread(s), median of {any_row['repeats']} step(s); "
-              f"peak MB = {kind}")
+              f"peak MB = {kind}; step MB = peak RSS minus the RSS after imports, model and batch")
 
 
 def main(argv: list[str] | None = None) -> int:
