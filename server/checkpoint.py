@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from strpnet_core.fsutil import atomic_path
+from strpnet_core.fsutil import atomic_path, json_default
 
 CHECKPOINT_NAME = "checkpoint.npz"
 CHECKPOINT_FORMAT = 1
@@ -87,7 +87,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         "rng": ckpt.rng,
     }
     arrays = {f"{_W}{k}": np.asarray(v) for k, v in ckpt.weights.items()}
-    text = json.dumps(meta, default=_json_default, allow_nan=True)
+    text = json.dumps(meta, default=json_default, allow_nan=True)
     arrays["meta_json"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -121,11 +121,3 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
         config=dict(meta.get("config", {})),
         rng=dict(meta.get("rng", {})),
     )
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

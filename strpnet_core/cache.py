@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .contract import MODALITIES
-from .fsutil import atomic_path
+from .fsutil import atomic_path, json_default
 
 CACHE_SUFFIX = ".npz"
 CACHE_FORMAT_VERSION = 1
@@ -108,7 +108,7 @@ def save_cached_patient(path: str | os.PathLike[str], patient: CachedPatient) ->
         "images": patient.images,
         "days": np.asarray(patient.days, dtype=np.float32),
         "brain_mask": np.asarray(patient.brain_mask, dtype=np.uint8),
-        "meta_json": np.frombuffer(json.dumps(meta, default=_to_list).encode("utf-8"), dtype=np.uint8),
+        "meta_json": np.frombuffer(json.dumps(meta, default=json_default).encode("utf-8"), dtype=np.uint8),
     }
     if patient.recurrence is not None:
         arrays["recurrence"] = np.asarray(patient.recurrence, dtype=np.uint8)
@@ -152,9 +152,3 @@ def load_cached_patient(path: str | os.PathLike[str], *, mmap: bool = False) -> 
 def list_cache(cache_dir: str | os.PathLike[str]) -> list[Path]:
     """The cache files of a folder, sorted by name (deterministic order); temp files are ignored."""
     return sorted(p for p in Path(cache_dir).glob(f"*{CACHE_SUFFIX}") if not p.name.startswith("."))
-
-
-def _to_list(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

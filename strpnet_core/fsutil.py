@@ -56,11 +56,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
-def _json_default(obj: Any) -> Any:
-    # numpy scalars/arrays and paths appear in QC records and run summaries.
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars/arrays (via ``tolist``) and paths; TypeError otherwise."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, os.PathLike):
