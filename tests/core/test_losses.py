@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from lifelines import CoxPHFitter
-from lifelines.datasets import load_gbsg2, load_rossi
+from lifelines.datasets import load_rossi
+from survival_data import gbsg2_frame
 from monai.losses import DiceLoss
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
@@ -42,25 +42,6 @@ def naive_cox_nll_sum(eta: np.ndarray, t: np.ndarray, e: np.ndarray, ties: str) 
             total += sum(math.log(s - (j / d) * ek) for j in range(d))
         total -= eta[dk].sum()
     return total
-
-
-def gbsg2_frame() -> pd.DataFrame:
-    g = load_gbsg2()
-    return pd.DataFrame(
-        {
-            "horTh": (g.horTh == "yes").astype(float),
-            "age": g.age,
-            "post": (g.menostat == "Post").astype(float),
-            "tsize": g.tsize,
-            "tgrade": g.tgrade.map({"I": 1.0, "II": 2.0, "III": 3.0}).astype(float),
-            "pnodes": g.pnodes,
-            "progrec": g.progrec,
-            "estrec": g.estrec,
-            "time": g.time,
-            "cens": g.cens,
-        }
-    ).astype(float)
-
 
 def newton_fit(x: np.ndarray, time: np.ndarray, event: np.ndarray, ties: str) -> np.ndarray:
     """Minimise our summed loss for a linear predictor by Newton's method (float64, standardised covariates)."""

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 from lifelines import CoxPHFitter
-from lifelines.datasets import load_gbsg2, load_rossi
+from lifelines.datasets import load_rossi
+from survival_data import gbsg2_frame
 from lifelines.utils import concordance_index as lifelines_cindex
 from monai.metrics import DiceMetric
 from sksurv.metrics import concordance_index_ipcw
@@ -45,25 +46,6 @@ def naive_counts(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> tuple
 
 def as_tuple(c: ConcordanceCounts) -> tuple[int, int, int, int]:
     return c.concordant, c.discordant, c.tied_risk, c.comparable
-
-
-def gbsg2_frame() -> pd.DataFrame:
-    g = load_gbsg2()
-    return pd.DataFrame(
-        {
-            "horTh": (g.horTh == "yes").astype(float),
-            "age": g.age,
-            "post": (g.menostat == "Post").astype(float),
-            "tsize": g.tsize,
-            "tgrade": g.tgrade.map({"I": 1.0, "II": 2.0, "III": 3.0}).astype(float),
-            "pnodes": g.pnodes,
-            "progrec": g.progrec,
-            "estrec": g.estrec,
-            "time": g.time,
-            "cens": g.cens,
-        }
-    ).astype(float)
-
 
 def linear_predictor(df: pd.DataFrame, duration: str, event: str) -> np.ndarray:
     cph = CoxPHFitter().fit(df, duration, event)
