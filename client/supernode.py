@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from strpnet_core.console import run_deployment_command
 
 log = logging.getLogger("flower-client")
 
@@ -56,16 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``flower-client``; returns the SuperNode's exit code."""
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
-    try:
-        return run_site(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
-        log.error("%s", exc)
-        return 1
+    return run_deployment_command(build_parser(), run_site, argv, log)
 
 
 def node_config_string(values: dict[str, str]) -> str:
