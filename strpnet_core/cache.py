@@ -149,6 +149,31 @@ def load_cached_patient(path: str | os.PathLike[str], *, mmap: bool = False) -> 
     )
 
 
+#: Arrays every cache file holds.
+REQUIRED_ARRAYS: tuple[str, ...] = ("images", "days", "brain_mask", "meta_json")
+
+
+def cache_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a cache file cannot be used, or None (a cheap check: the zip directory, the arrays present, the
+    metadata and format version; the image bytes are not read).
+
+    A file written by :func:`save_cached_patient` is complete (atomic write); this guards against files copied in
+    by other means (an interrupted copy, another version).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in REQUIRED_ARRAYS if k not in npz.files]
+            if missing:
+                return f"lacks {', '.join(missing)}"
+            meta = json.loads(bytes(npz["meta_json"]).decode("utf-8"))
+    except Exception as exc:  # zipfile.BadZipFile, OSError, ValueError, JSON errors ...
+        return f"unreadable ({type(exc).__name__})"
+    if not isinstance(meta, dict) or meta.get("format_version") != CACHE_FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        return f"cache format {got} != {CACHE_FORMAT_VERSION}"
+    return None
+
+
 def list_cache(cache_dir: str | os.PathLike[str]) -> list[Path]:
     """The cache files of a folder, sorted by name (deterministic order); temp files are ignored."""
     return sorted(p for p in Path(cache_dir).glob(f"*{CACHE_SUFFIX}") if not p.name.startswith("."))

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+#: Temporary files of :func:`atomic_path`: ``.<final name>.<host>-<pid>.<random>.part<suffixes>``.
+_PART_RE = re.compile(r"^\.(?P<final>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.part(\..*)?$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 
 
 @contextlib.contextmanager
@@ -16,13 +27,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path`` (atomic on POSIX).
 
     The temporary file keeps the final suffix (``.nii.gz``, ``.npz``, ...) so that writers that
-    infer the format from the name work. On any exception the temporary file is removed and
-    ``path`` is left untouched: a reader sees either the old file or the complete new one.
+    infer the format from the name work, and is named ``.<name>.<host>-<pid>.<random>.part<suffix>`` (hidden;
+    :func:`remove_stale_parts` removes the ones left by a killed process). On any exception the temporary
+    file is removed and ``path`` is left untouched: a reader sees either the old file or the complete new
+    one, also when the writing process is killed (SIGKILL) at any point. The data is fsynced before the
+    rename and the folder after it.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".part{suffix}", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{_host_tag()}-{os.getpid()}.", suffix=f".part{suffix}",
+                                    dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -32,9 +47,74 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         # mkstemp creates 0600; give the file the permissions a plain open() would (0666 minus umask).
         os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems cannot fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError as exc:
+        return exc.errno != errno.ESRCH
+    return True
+
+
+def remove_stale_parts(folder: str | os.PathLike[str], *, max_age_s: float = 7 * 86400.0) -> list[Path]:
+    """Remove the temporary files that killed writers of :func:`atomic_path` left in ``folder``; return them.
+
+    A temporary file is stale when it was written on this host by a process that no longer runs (its name holds
+    host and PID), or, whatever its writer, when it is older than ``max_age_s``. Files of live writers (other
+    processes or threads writing now) are kept. Final files are never touched.
+
+    Parameters
+    ----------
+    folder:
+        The folder (not recursed); a missing folder gives an empty list.
+    max_age_s:
+        Age (modification time) beyond which any temporary file is stale.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host, now = _host_tag(), time.time()
+    for entry in entries:
+        m = _PART_RE.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            old = now - entry.stat(follow_symlinks=False).st_mtime > max_age_s
+        except OSError:
+            continue
+        if old or (m["host"] == host and not _pid_alive(int(m["pid"]))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def _current_umask() -> int:

@@ -3,7 +3,8 @@
 The data contract is in :mod:`strpnet_core.contract`; the exclusion rules are in
 :mod:`strpnet_core.site.validate` and ``docs/data-format.md``. Modules:
 
-- ``records``: ``Scan``, ``PatientRecord``, ``Problem``, ``SiteIndex`` (what validation returns);
+- ``records``: ``Scan``, ``PatientRecord``, ``Problem``, ``SiteIndex`` (what validation returns),
+  ``NoUsablePatientError`` (a site with no usable case; its message holds counts only);
 - ``images``: ``read_image_checked`` / ``read_image_info_checked`` raising ``ImageDefect`` (reused by preprocessing);
 - ``tables``: the CSV files (scan dates, outcomes);
 - ``validate``: ``validate_site``.
@@ -17,7 +18,7 @@ from .images import (
     read_image_checked,
     read_image_info_checked,
 )
-from .records import ERROR, WARNING, PatientRecord, Problem, Scan, SiteIndex
+from .records import ERROR, WARNING, NoUsablePatientError, PatientRecord, Problem, Scan, SiteIndex
 from .validate import validate_site
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "WARNING",
     "ImageDefect",
     "ImageInfo",
+    "NoUsablePatientError",
     "PatientRecord",
     "Problem",
     "Scan",

@@ -149,6 +149,76 @@ def _nifti_layout(head: bytes) -> _Layout | None:
     return _Layout(max(offset, 348), n * bitpix // 8, dtype)
 
 
+#: Header fields whose values ITK silently replaces or ignores when they are not finite (or, for the voxel size, not
+#: positive): (name, NIfTI-1 offset, NIfTI-2 offset, count). ``pixdim`` starts at its element 1 (x).
+_NIFTI1_FIELDS = (("pixdim", 80, "f", 3), ("scl_slope", 112, "f", 1), ("scl_inter", 116, "f", 1))
+_NIFTI2_FIELDS = (("pixdim", 112, "d", 3), ("scl_slope", 176, "d", 1), ("scl_inter", 184, "d", 1))
+#: Orientation fields, checked when their code (qform_code / sform_code) is set: (code offset, code format,
+#: field name, field offset, count), for NIfTI-1 and NIfTI-2.
+_NIFTI1_XFORMS = ((252, "h", "quatern/qoffset", 256, 6), (254, "h", "srow", 280, 12))
+_NIFTI2_XFORMS = ((344, "i", "quatern/qoffset", 352, 6), (348, "i", "srow", 400, 12))
+
+
+def _header_defect(head: bytes) -> str | None:
+    """The first implausible geometry/scaling field of a NIfTI-1/2 header, or None.
+
+    ITK's NIfTI reader (SimpleITK 2.5) replaces a zero or NaN voxel size with 1 mm and ignores a non-finite
+    ``scl_slope``, without an error: the image would be read with a wrong geometry or wrong intensities. Checked:
+    ``pixdim[1..k]`` (k = number of spatial axes, at most 3) finite and != 0, ``scl_slope``/``scl_inter`` finite,
+    and the quaternion/offset (``qform_code`` > 0) and ``srow`` (``sform_code`` > 0) fields finite.
+    """
+    for endian in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            ndim = struct.unpack(endian + "h", head[40:42])[0]
+            fields, xforms = _NIFTI1_FIELDS, _NIFTI1_XFORMS
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            ndim = struct.unpack(endian + "q", head[16:24])[0]
+            fields, xforms = _NIFTI2_FIELDS, _NIFTI2_XFORMS
+            break
+    else:
+        return None
+    for name, offset, fmt, count in fields:
+        n = max(1, min(count, ndim)) if name == "pixdim" else count
+        values = struct.unpack_from(f"{endian}{n}{fmt}", head, offset)
+        if name == "pixdim" and any(v == 0 for v in values):
+            return f"header voxel size (pixdim) is zero: {', '.join(f'{v:g}' for v in values)}"
+        if not all(np.isfinite(values)):
+            return f"header {name} is not finite: {', '.join(f'{v:g}' for v in values)}"
+    for code_off, code_fmt, name, offset, count in xforms:
+        if struct.unpack_from(endian + code_fmt, head, code_off)[0] > 0:
+            fmt = "f" if code_fmt == "h" else "d"
+            if not all(np.isfinite(struct.unpack_from(f"{endian}{count}{fmt}", head, offset))):
+                return f"header {name} orientation fields are not finite"
+    return None
+
+
+def _read_head(path: Path) -> bytes:
+    """The first 540 bytes of a (possibly gzip-compressed) file."""
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as fh:
+            return fh.read(540)
+    except EOFError:
+        raise ImageDefect(path, "truncated gzip stream (file cut short)") from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise ImageDefect(path, f"corrupt gzip data: {exc}") from None
+
+
+def _check_geometry(path: Path, spacing: tuple[float, ...], origin: tuple[float, ...],
+                    direction: tuple[float, ...]) -> None:
+    """Spacing finite and > 0, origin finite, direction finite and non-singular (as ITK reports them; the spatial
+    axes only, at most 3)."""
+    n = len(spacing)
+    k = min(3, n)
+    if not all(np.isfinite(spacing[:k])) or min(spacing[:k]) <= 0:
+        raise ImageDefect(path, f"invalid voxel spacing {tuple(float(s) for s in spacing[:k])}")
+    if not all(np.isfinite(origin[:k])):
+        raise ImageDefect(path, "origin is not finite")
+    d = np.asarray(direction, dtype=float).reshape(n, n)[:k, :k] if len(direction) == n * n else None
+    if d is None or not np.isfinite(d).all() or abs(np.linalg.det(d)) < 1e-6:
+        raise ImageDefect(path, "direction cosines are not finite or singular")
+
+
 def _count_nonfinite(buf: bytes, dtype: np.dtype) -> int:
     values = np.frombuffer(buf, dtype=dtype)
     return values.size - int(np.count_nonzero(np.isfinite(values)))
@@ -214,8 +284,10 @@ def read_image_info_checked(path: str | os.PathLike[str]) -> ImageInfo:
     """Read and check only the header of a NIfTI image (fast; voxels not read).
 
     Checks: the file exists and is a regular non-empty file (symlink loops and dangling links are defects), SimpleITK
-    can read its header, it is one scalar 3D volume (a 4D image whose last axis has length 1 counts as 3D), and an
-    uncompressed ``.nii`` is as long as its header says. A truncated ``.nii.gz`` is NOT detected here.
+    can read its header, it is one scalar 3D volume (a 4D image whose last axis has length 1 counts as 3D), its header
+    holds a plausible geometry and scaling (voxel size finite and non-zero, ``scl_slope``/``scl_inter`` and the set
+    orientation fields finite: ITK would silently replace or ignore them), and an uncompressed ``.nii`` is as long as
+    its header says. A truncated ``.nii.gz`` is NOT detected here.
 
     Parameters
     ----------
@@ -234,6 +306,12 @@ def read_image_info_checked(path: str | os.PathLike[str]) -> ImageInfo:
     """
     p = Path(path)
     st = _check_file(p)
+    try:
+        head = _read_head(p)
+    except ImageDefect:
+        head = b""  # not gzip or not readable: SimpleITK's reader says why below
+    if (defect := _header_defect(head)) is not None:  # before ITK, which would warn and patch the values
+        raise ImageDefect(p, defect)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
@@ -242,6 +320,7 @@ def read_image_info_checked(path: str | os.PathLike[str]) -> ImageInfo:
         raise ImageDefect(p, f"unreadable header: {compact_sitk_error(exc, p)}") from None
     size = tuple(reader.GetSize())
     _check_dimension(p, size, reader.GetNumberOfComponents())
+    _check_geometry(p, tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
     _check_bytes(p, st.st_size, full=False)
     direction = tuple(reader.GetDirection())
     if len(size) == 4:  # singleton 4th axis: keep the 3D part of the geometry

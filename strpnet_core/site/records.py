@@ -157,3 +157,24 @@ class SiteIndex:
 
 def _problem_dict(p: Problem) -> dict[str, Any]:
     return {"path": p.path, "reason": p.reason, "patient_id": p.patient_id, "level": p.level}
+
+
+class NoUsablePatientError(ValueError):
+    """A site has no usable patient: every case was excluded or failed (or the site holds none).
+
+    The message carries only the site's name, counts and where the site's own report is, never a patient id or a
+    file of a patient: it may leave the site (a Flower ClientApp turns it into the error reply the coordinator sees).
+
+    Attributes
+    ----------
+    site_name:
+        The site.
+    rejected:
+        Number of patients excluded by validation or failed in preprocessing.
+    report_path:
+        The site-local report that lists every case with its reason.
+    """
+
+    def __init__(self, site_name: str, rejected: int, report_path: str | os.PathLike[str]) -> None:
+        self.site_name, self.rejected, self.report_path = site_name, int(rejected), Path(report_path)
+        super().__init__(f"site {site_name}: no usable patient: {self.rejected} rejected, see {self.report_path}")

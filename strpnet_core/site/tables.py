@@ -35,46 +35,77 @@ class Entry:
     problems: list[Problem] = field(default_factory=list)
 
 
+def _split_line(line: str) -> list[str] | str:
+    """The cells of one CSV line, or the reason it is not one (an unbalanced quote, a field over the csv limit)."""
+    try:
+        rows = list(csv.reader([line], strict=True))
+    except csv.Error as exc:
+        return "unbalanced quote" if line.count('"') % 2 else f"not valid CSV ({exc})"
+    if len(rows) != 1:
+        return "unbalanced quote" if line.count('"') % 2 else "not valid CSV"
+    return rows[0]
+
+
 def read_table(path: Path, columns: tuple[str, ...]) -> tuple[list[tuple[str, dict[str, str]]] | None, Problem | None]:
     """Read a CSV file with a header holding at least ``columns`` (case and surrounding blanks ignored).
+
+    Each line is one row (quoted fields may not span lines): a bad line (not UTF-8, an unbalanced quote, a field
+    over Python's csv limit) is reported on its own, with its line number, and the other rows go on.
 
     Returns
     -------
     (rows, problem)
-        ``rows`` = (``"name:line"``, {column: stripped text}) per non-blank row, or None with a site-level Problem
-        when the file is missing, unreadable or has the wrong header.
+        ``rows`` = (``"name:line"``, {column: stripped text}) per non-blank row, or ``("name:line", {"": reason})``
+        for a line that could not be read; or None with a site-level Problem when the file is missing, unreadable
+        or has the wrong header.
     """
     name = path.name
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                return None, Problem(name, f"empty file: header {','.join(columns)} expected", None)
-            header = [h.strip().lower() for h in header]
-            missing = [c for c in columns if c not in header]
-            dup = sorted({h for h in header if header.count(h) > 1 and h in columns})
-            if missing or dup:
-                why = f"missing column(s) {', '.join(missing)}" if missing else f"duplicate column(s) {', '.join(dup)}"
-                return None, Problem(
-                    f"{name}:1", f"wrong header {','.join(header)!r}: {why}; expected {','.join(columns)}", None
-                )
-            index = {c: header.index(c) for c in columns}
-            rows = []
-            for cells in reader:
-                if not any(c.strip() for c in cells):
-                    continue
-                values = {c: (cells[i].strip() if i < len(cells) else "") for c, i in index.items()}
-                rows.append((f"{name}:{reader.line_num}", values))
-            return rows, None
+        data = path.read_bytes()
     except FileNotFoundError:
         return None, Problem(name, "file missing", None)
-    except UnicodeDecodeError:
-        return None, Problem(name, "not UTF-8 text", None)
-    except csv.Error as exc:
-        return None, Problem(name, f"not valid CSV: {exc}", None)
+    except IsADirectoryError:
+        return None, Problem(name, "is a folder, not a file", None)
     except OSError as exc:
         return None, Problem(name, f"cannot read: {exc.strerror or exc}", None)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.splitlines()
+    if not lines or not lines[0].strip():
+        return None, Problem(name, f"empty file: header {','.join(columns)} expected", None)
+    try:
+        header_cells = _split_line(lines[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, Problem(f"{name}:1", "header is not UTF-8 text", None)
+    if isinstance(header_cells, str):
+        return None, Problem(f"{name}:1", f"header is {header_cells}", None)
+    header = [h.strip().lower() for h in header_cells]
+    missing = [c for c in columns if c not in header]
+    dup = sorted({h for h in header if header.count(h) > 1 and h in columns})
+    if missing or dup:
+        why = f"missing column(s) {', '.join(missing)}" if missing else f"duplicate column(s) {', '.join(dup)}"
+        return None, Problem(f"{name}:1", f"wrong header {','.join(header)!r}: {why}; expected {','.join(columns)}",
+                             None)
+    index = {c: header.index(c) for c in columns}
+    rows: list[tuple[str, dict[str, str]]] = []
+    for lineno, raw in enumerate(lines[1:], start=2):
+        where = f"{name}:{lineno}"
+        try:
+            cells = _split_line(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            cells = "not UTF-8 text"
+        if isinstance(cells, str):
+            rows.append((where, {"": cells}))
+            continue
+        if not any(c.strip() for c in cells):
+            continue
+        rows.append((where, {c: (cells[i].strip() if i < len(cells) else "") for c, i in index.items()}))
+    return rows, None
+
+
+def _bad_line(where: str, row: dict[str, str]) -> Problem | None:
+    """A Problem for a line :func:`read_table` could not read (its id is unknown: the row is ignored)."""
+    return Problem(where, f"{row['']} (row ignored)", None) if "" in row else None
 
 
 def parse_nonnegative(text: str, column: str) -> float | str:
@@ -137,6 +168,9 @@ def read_scan_dates(site_dir: Path) -> tuple[dict[tuple[str, str], Entry] | None
     dates: dict[tuple[str, str], Entry] = {}
     loose: list[Problem] = []
     for where, row in rows:
+        if (bad := _bad_line(where, row)) is not None:
+            loose.append(bad)
+            continue
         pid, tp = row["patient_id"], row["timepoint"]
         if not pid:
             loose.append(Problem(where, "patient_id missing (row ignored)", None))
@@ -165,6 +199,9 @@ def read_outcomes(site_dir: Path) -> tuple[dict[str, Entry] | None, list[Problem
     outcomes: dict[str, Entry] = {}
     loose: list[Problem] = []
     for where, row in rows:
+        if (bad := _bad_line(where, row)) is not None:
+            loose.append(bad)
+            continue
         pid = row["patient_id"]
         if not pid:
             loose.append(Problem(where, "patient_id missing (row ignored)", None))
