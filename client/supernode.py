@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from strpnet_core.console import run_deployment_command
+from strpnet_core.console import die_with_parent_kwargs, run_deployment_command
 
 log = logging.getLogger("flower-client")
 
 _RETRY_DELAY_S = 10.0
+#: A SuperNode that ran this long before exiting counts as having joined (the retry window starts again).
+_JOINED_AFTER_S = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up when the SuperLink cannot be reached for this many seconds (default: keep trying)")
     p.add_argument("--retry-seconds", type=float, default=600.0,
                    help="restart a SuperNode that fails to join (e.g. the coordinator has not registered this site's "
-                   "key yet) for this long (default 600; 0 = never)")
+                   "key yet, or --max-wait expired while the coordinator restarts) for this long after the last "
+                   "outage began (default 600; 0 = never)")
     p.add_argument("--skip-prepare", action="store_true", help="do not check/preprocess the data before starting")
     return p
 
@@ -129,14 +132,19 @@ def run_site(args: argparse.Namespace) -> int:
     while True:
         attempt += 1
         log.info("starting the SuperNode of %s -> %s (attempt %d)", site_name, args.superlink, attempt)
-        proc = subprocess.Popen(cmd, env=flower_env(state), start_new_session=True)
+        # Under strpnet_core.reaper: the SuperNode and its ClientApp processes stop with us, however we stop.
+        proc = subprocess.Popen([sys.executable, "-m", "strpnet_core.reaper", "--home", str(state), "--", *cmd],
+                                env=flower_env(state), **die_with_parent_kwargs())
         current[:] = [proc]
+        t_start = time.monotonic()
         try:
             rc = proc.wait()
         finally:
             stop_process(proc)
         if stopping or rc == 0:
             return rc
+        if time.monotonic() - t_start > _JOINED_AFTER_S:  # it had been up: a new outage gets a full retry window
+            give_up = time.monotonic() + max(0.0, args.retry_seconds)
         if time.monotonic() + _RETRY_DELAY_S > give_up:
             log.error("the SuperNode exited with code %d; giving up (is this site's key registered at the "
                       "coordinator? are --ca and --superlink right?)", rc)

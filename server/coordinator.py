@@ -71,9 +71,12 @@ def coordinate(args: argparse.Namespace) -> int:
     from .launch import (
         TLSFiles,
         app_dir,
+        check_resume,
         flwr_run_stream,
+        refuse_if_running,
         register_supernode,
         start_superlink,
+        stop_stale_runs,
         write_flwr_config,
         write_run_config,
     )
@@ -100,7 +103,11 @@ def coordinate(args: argparse.Namespace) -> int:
     state = Path(args.state_dir).resolve()
     flwr_home = state / "flower"
     database = Path(args.database).resolve() if args.database else state / "superlink.db"
+    if args.resume and not args.run_dir:
+        raise ValueError("--resume needs --run-dir: the run directory whose checkpoint.npz is continued")
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S")).resolve()
+    check_resume(run_dir, args.resume)
+    refuse_if_running(flwr_home, "flower-server")
     run_dir.mkdir(parents=True, exist_ok=True)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     write_flwr_config(flwr_home, f"{connect_host}:{args.port}", root_certificates=None if tls is None else tls.ca_cert,
@@ -112,6 +119,7 @@ def coordinate(args: argparse.Namespace) -> int:
     values.update(parse_overrides(args.run_config))
     config_file = write_run_config(flwr_home / "run_config.toml", values)
 
+    kept_database = database.is_file()
     log.info("starting the SuperLink on %s:%d (%s, node authentication %s); state in %s", args.host, args.port,
              "TLS" if tls else "PLAIN HTTP", "on" if auth else "OFF", state)
     superlink = start_superlink(flwr_home, host=args.host, port=args.port, tls=tls, enable_supernode_auth=auth,
@@ -119,6 +127,8 @@ def coordinate(args: argparse.Namespace) -> int:
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM,)}
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        for run_id in stop_stale_runs(flwr_home) if kept_database else []:
+            log.warning("run %d of a previous session was still open in %s: stopped it", run_id, database)
         for k in keys:
             try:
                 register_supernode(k, flwr_home)

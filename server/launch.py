@@ -4,12 +4,16 @@ Used by ``flower-server`` (deployment: TLS + SuperNode authentication) and ``str
 simulation-mode SuperLink on a free 127.0.0.1 port, so that parallel simulations never share one). Every process
 gets its own ``FLWR_HOME``, telemetry off and no runtime dependency installation (``strpnet_core.federation.
 flower_env``); every process started here is stopped by its PID (:func:`strpnet_core.federation.stop_process`).
+A SuperLink runs under :mod:`strpnet_core.reaper`, and every child follows its parent's death
+(:func:`strpnet_core.console.die_with_parent_kwargs`): a killed coordinator or simulation leaves no Flower
+process behind (SuperExec, ServerApp, simulation and Ray processes included), which a resume relies on.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from strpnet_core.console import die_with_parent_kwargs
 from strpnet_core.federation import flower_env, flower_executable, stop_process
+from strpnet_core.reaper import flower_processes
 
 #: Name of the SuperLink connection written into ``$FLWR_HOME/config.toml``.
 CONNECTION = "strpnet"
@@ -89,7 +95,7 @@ def write_flwr_config(
 
 
 def wait_superlink_ready(
-    proc: subprocess.Popen[Any], url: str, *, verify: str | bool, timeout_s: float, log_file: Path | None
+    proc: subprocess.Popen[Any], url: str, *, verify: ssl.SSLContext | bool, timeout_s: float, log_file: Path | None
 ) -> None:
     """Poll ``url`` (the SuperLink's ``/health``) until it answers; RuntimeError with the log tail otherwise."""
     import httpx
@@ -101,10 +107,34 @@ def wait_superlink_ready(
         try:
             if httpx.get(url, timeout=1.0, verify=verify).is_success:
                 return
-        except httpx.HTTPError:
-            pass
+        except httpx.HTTPError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise RuntimeError(
+                    f"the SuperLink's certificate is refused at {url}: {exc}. Its SAN must name the host that "
+                    f"flower-server itself dials ({url.split('/')[2].rsplit(':', 1)[0]}; deploy/make_certs.sh adds "
+                    f"localhost and 127.0.0.1) and it must be signed by the --certs CA"
+                ) from exc
         time.sleep(0.3)
     raise RuntimeError(f"flower-superlink not ready at {url} after {timeout_s:.0f} s{_log_tail(log_file)}")
+
+
+def refuse_if_running(flwr_home: str | os.PathLike[str], what: str, *, grace_s: float = 10.0) -> None:
+    """RuntimeError naming the PIDs when Flower processes of ``flwr_home`` are still alive after ``grace_s`` seconds.
+
+    The processes of a killed session exit by themselves within about a second (:func:`strpnet_core.console.
+    die_with_parent_kwargs` and Flower's parent monitors); anything alive longer would run the old run beside the
+    new one (two writers of one run directory), so a new session refuses to start.
+    """
+    deadline = time.monotonic() + grace_s
+    pids = flower_processes(flwr_home)
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.25)
+        pids = flower_processes(flwr_home)
+    if pids:
+        raise RuntimeError(
+            f"{what}: Flower processes of a previous session still use {Path(flwr_home).resolve()} (PIDs "
+            f"{', '.join(map(str, pids))}); stop them (kill PID) before starting or resuming"
+        )
 
 
 def _log_tail(log_file: Path | None, n: int = 25) -> str:
@@ -126,7 +156,8 @@ def start_superlink(
     log_file: str | os.PathLike[str] | None = None,
     ready_timeout_s: float = 60.0,
 ) -> subprocess.Popen[Any]:
-    """Start ``flower-superlink`` in its own process group and wait until its HTTP API answers.
+    """Start ``flower-superlink`` (under :mod:`strpnet_core.reaper`, in its own session) and wait until its HTTP API
+    answers.
 
     Parameters
     ----------
@@ -150,7 +181,8 @@ def start_superlink(
     Returns
     -------
     subprocess.Popen
-        The SuperLink process (stop it with ``stop_process``).
+        The supervisor of the SuperLink (stop it with ``stop_process``: the SuperLink and every process of
+        ``flwr_home`` are stopped with it).
     """
     cmd = [flower_executable("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation", "--isolation", "subprocess"]
@@ -168,13 +200,15 @@ def start_superlink(
     log_path = Path(log_file) if log_file is not None else Path(flwr_home) / "superlink.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd += ["--log-file", str(log_path)]
+    # Under strpnet_core.reaper: stopping it (or our death) also stops Flower's detached SuperExec tree.
+    cmd = [sys.executable, "-m", "strpnet_core.reaper", "--home", str(Path(flwr_home).resolve()), "--", *cmd]
     out = open(log_path.with_suffix(".stdout"), "ab")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(cmd, env=flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, **die_with_parent_kwargs())
     out.close()
     scheme = "http" if tls is None else "https"
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    verify: str | bool = False if tls is None else str(tls.ca_cert)
+    verify: ssl.SSLContext | bool = False if tls is None else ssl.create_default_context(cafile=str(tls.ca_cert))
     try:
         wait_superlink_ready(proc, f"{scheme}://{connect_host}:{port}/health", verify=verify,
                              timeout_s=ready_timeout_s, log_file=log_path)
@@ -206,6 +240,64 @@ def register_supernode(public_key: str | os.PathLike[str], flwr_home: str | os.P
     if res.returncode != 0:
         raise RuntimeError(f"registering {public_key} failed (exit {res.returncode}): "
                            f"{(res.stdout + res.stderr).strip()[-2000:]}")
+
+
+def open_runs(flwr_home: str | os.PathLike[str]) -> list[int]:
+    """Run ids the SuperLink of :data:`CONNECTION` lists as pending, starting or running (``flwr ls --format json``).
+
+    Raises
+    ------
+    RuntimeError
+        When ``flwr ls`` fails or prints something else than its JSON.
+    """
+    import json
+
+    res = run_flwr(["ls", CONNECTION, "--format", "json"], flwr_home, timeout_s=60)
+    try:
+        doc = json.loads(res.stdout[res.stdout.find("{"):])
+    except ValueError as exc:
+        raise RuntimeError(f"flwr ls failed (exit {res.returncode}): {(res.stdout + res.stderr).strip()[-1000:]}") \
+            from exc
+    return sorted(int(r["run-id"]) for r in doc.get("runs", [])
+                  if str(r.get("status", "")).split(":")[0] in ("pending", "starting", "running"))
+
+
+def stop_stale_runs(flwr_home: str | os.PathLike[str]) -> list[int]:
+    """Stop (``flwr stop``) every open run of a SuperLink that was just started on a kept database.
+
+    A coordinator killed mid-run leaves its run "running" in the SuperLink's database, with messages the sites
+    would still pull and compute although no ServerApp waits for them any more. A freshly started SuperLink has no
+    live ServerApp, so every open run is stale. Returns the stopped run ids.
+    """
+    stale = open_runs(flwr_home)
+    for run_id in stale:
+        res = run_flwr(["stop", str(run_id), CONNECTION], flwr_home, timeout_s=60)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr stop {run_id} failed (exit {res.returncode}): "
+                               f"{(res.stdout + res.stderr).strip()[-1000:]}")
+    return stale
+
+
+def check_resume(run_dir: str | os.PathLike[str], resume: bool) -> int | None:
+    """The round of ``run_dir``'s checkpoint (None when there is none), after checking it fits ``resume``.
+
+    Raises
+    ------
+    ValueError
+        When the run directory holds a checkpoint but ``resume`` is off (the ServerApp would refuse to overwrite
+        it), naming the directory and the round.
+    """
+    from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(run_dir)
+    done = None if ckpt is None else ckpt.server_round
+    if not resume:
+        raise ValueError(f"{run_dir} already holds a checkpoint (round {done}): continue it with --resume, or give "
+                         f"another run directory")
+    return done
 
 
 def write_run_config(path: str | os.PathLike[str], values: Mapping[str, Any]) -> Path:
@@ -275,8 +367,8 @@ def flwr_run_stream(
     echo = on_line or (lambda line: print(line, flush=True))
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
-                            cwd=str(Path(app_dir).resolve()))
+                            stdin=subprocess.DEVNULL, text=True, bufsize=1, cwd=str(Path(app_dir).resolve()),
+                            **die_with_parent_kwargs())
     lines: list[str] = []
     run_id: list[int] = []
 

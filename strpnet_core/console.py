@@ -1,4 +1,5 @@
-"""Shared start-up of the deployment commands ``flower-server`` and ``flower-client``."""
+"""Shared start-up of the deployment commands ``flower-server`` and ``flower-client`` (and of the Flower processes
+that they and ``strpnet simulate`` start: :func:`die_with_parent_kwargs`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 #: Errors a deployment command reports as one log line and exit code 1 (bad flags, files, an unreachable peer).
 REPORTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, TimeoutError)
@@ -33,3 +35,45 @@ def run_deployment_command(
     except REPORTED_ERRORS as exc:
         log.error("%s", exc)
         return 1
+
+
+def die_with_parent_kwargs(sig: int | None = None) -> dict[str, Any]:
+    """``subprocess.Popen`` keyword arguments that tie a child to the process starting it.
+
+    On Linux the child asks the kernel (``prctl(PR_SET_PDEATHSIG)``) for ``sig`` (default SIGTERM) when its parent
+    dies, however it dies (SIGKILL, OOM killer, a crash): a killed ``flower-server`` / ``strpnet simulate`` /
+    ``flower-client`` never leaves a SuperLink or SuperNode behind. Flower's detached descendants (SuperExec,
+    ServerApp, simulation with its Ray processes) do not all follow their parent reliably: SuperLinks and SuperNodes
+    therefore run under :mod:`strpnet_core.reaper`, which stops them by PID. The child still gets its own
+    session (``start_new_session``): :func:`strpnet_core.federation.stop_process` stops it with its process group.
+    Elsewhere (no ``prctl``) only the session is set.
+
+    Parameters
+    ----------
+    sig:
+        Signal delivered to the child when the parent dies.
+
+    Returns
+    -------
+    dict
+        ``start_new_session=True`` and, on Linux, a ``preexec_fn``.
+    """
+    import signal
+    import sys
+
+    kwargs: dict[str, Any] = {"start_new_session": True}
+    if not sys.platform.startswith("linux"):
+        return kwargs
+    import ctypes
+
+    death_signal = int(signal.SIGTERM if sig is None else sig)
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:  # runs in the child between fork and exec: no allocation-heavy work
+        libc.prctl(1, death_signal, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    kwargs["preexec_fn"] = preexec
+    return kwargs

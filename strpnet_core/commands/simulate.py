@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _SHOWN = ("[strpnet]", "[ROUND", "ERROR", "Error", "Traceback", "Successfully started run", "failures")
 
 DEFAULT_SITES = 3
-DEFAULT_PATIENTS = "4"
+DEFAULT_PATIENTS = "6"
 DEFAULT_ROUNDS = 3
 
 
@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes for cohort generation and preprocessing (default: all CPUs)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs reserved per simulated site (default 1)")
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR's checkpoint (same settings)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint of --out RUN_DIR after an interruption (give the same settings)")
     p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key, e.g. -c local-epochs=2 -c lr=0.0005 (repeatable)")
     p.add_argument("--timeout", type=float, default=6 * 3600.0, help="bound on the federated run in seconds")
@@ -130,12 +131,27 @@ def simulate(
         When the Flower run fails (the log tail is in the message).
     """
     from client.site_data import list_sites
-    from server.launch import app_dir, flwr_run_stream, start_superlink, write_flwr_config, write_run_config
+    from server.launch import (
+        app_dir,
+        check_resume,
+        flwr_run_stream,
+        refuse_if_running,
+        start_superlink,
+        stop_stale_runs,
+        write_flwr_config,
+        write_run_config,
+    )
 
     from ..federation import free_port, prepare_site_cache, stop_process
+    from ..site import NoUsablePatientError
 
     t_start = time.monotonic()
     run_dir = run_dir.resolve()
+    resumed_from = check_resume(run_dir, resume)
+    refuse_if_running(run_dir / "flower", "strpnet simulate")
+    if resume:
+        print(f"[0/3] resuming {run_dir} from " + (f"its round-{resumed_from} checkpoint" if resumed_from is not None
+                                                   else "scratch (no checkpoint yet)"), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_root = (cache or run_dir / "cache").resolve()
 
@@ -170,8 +186,14 @@ def simulate(
     print(f"[2/3] preprocessing {n_sites} site(s) into {cache_root}", flush=True)
     for site in site_dirs[:n_sites]:
         t0 = time.monotonic()
-        info = prepare_site_cache(site if data_root else None, cache_root / site.name, site_name=site.name,
-                                  preset=preset, seed=seed, workers=workers, progress=progress)
+        try:
+            info = prepare_site_cache(site if data_root else None, cache_root / site.name, site_name=site.name,
+                                      preset=preset, seed=seed, workers=workers, progress=progress)
+        except NoUsablePatientError as exc:
+            # The site stays in the federation: its ClientApp reports the same error (counts only) every round and
+            # the coordinator goes on with the other sites (docs/reliability.md, section 6).
+            print(f"      {site.name}: WARNING {exc}; the federation goes on without it", flush=True)
+            continue
         print(f"      {site.name}: {info.num_patients} patients ready ({time.monotonic() - t0:.0f} s)", flush=True)
 
     flwr_home = run_dir / "flower"
@@ -201,9 +223,12 @@ def simulate(
         if verbose_flower or any(s in line for s in _SHOWN):
             print(line, flush=True)
 
+    kept_database = (flwr_home / "state.db").is_file()
     superlink = start_superlink(flwr_home, host="127.0.0.1", port=port, tls=None, simulation=True,
                                 database=flwr_home / "state.db")
     try:
+        for run_id in stop_stale_runs(flwr_home) if kept_database else []:
+            print(f"      stopped run {run_id} of the interrupted session (still open in its database)", flush=True)
         outcome = flwr_run_stream(app_dir(), flwr_home, run_config_file=config_file, federation_config=federation,
                                   timeout_s=timeout_s, on_line=show)
     finally:
@@ -232,6 +257,9 @@ def print_rounds(run_dir: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``strpnet simulate``; returns the exit code."""
+    if args.resume and not args.out:
+        log.error("--resume needs --out RUN_DIR: the run directory whose checkpoint.npz is continued")
+        return 1
     run_dir = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
     try:
         overrides = parse_overrides(args.run_config)

@@ -72,3 +72,29 @@ def test_make_certs_san_and_keys(tmp_path: Path) -> None:
 
     key = serialization.load_ssh_private_key((tmp_path / "sites/h1/h1.key").read_bytes(), password=None)
     assert key.curve.name == "secp384r1"  # type: ignore[union-attr]
+
+
+def test_client_needs_ca_or_explicit_insecure_which_warns(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    from client.supernode import main as client_main
+
+    base = ["--superlink", "127.0.0.1:1", "--site-name", "a", "--cache-dir", str(tmp_path), "--skip-prepare"]
+    assert client_main(base) == 1
+    assert "give --ca" in caplog.text and "UNENCRYPTED" not in caplog.text
+    caplog.clear()
+    assert client_main(["--superlink", "127.0.0.1:1", "--data-dir", str(tmp_path / "absent"), "--insecure"]) == 1
+    assert "UNENCRYPTED" in caplog.text and "no such folder" in caplog.text
+
+
+def test_server_resume_checks_the_run_dir(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    import numpy as np
+
+    from server.checkpoint import Checkpoint, save_checkpoint
+
+    base = ["--insecure", "--no-auth", "--state-dir", str(tmp_path / "state")]
+    assert server_main([*base, "--resume"]) == 1
+    assert "--resume needs --run-dir" in caplog.text
+    caplog.clear()
+    save_checkpoint(tmp_path / "run", Checkpoint(2, {"w": np.zeros(3, dtype=np.float32)}))
+    assert server_main([*base, "--run-dir", str(tmp_path / "run")]) == 1
+    assert "holds a checkpoint (round 2)" in caplog.text and "--resume" in caplog.text
+    assert not (tmp_path / "state").exists()  # refused before anything started

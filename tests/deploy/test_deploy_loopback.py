@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -58,7 +59,8 @@ def test_tls_authenticated_deployment(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait for the TLS endpoint
             try:
-                httpx.get(f"https://127.0.0.1:{port}/health", verify=str(certs / "ca.crt"), timeout=1)
+                httpx.get(f"https://127.0.0.1:{port}/health",
+                          verify=ssl.create_default_context(cafile=str(certs / "ca.crt")), timeout=1)
                 break
             except httpx.HTTPError:
                 assert procs["server"].poll() is None, (tmp_path / "server.log").read_text()

@@ -1,0 +1,83 @@
+"""``strpnet_core.reaper``: the supervisor under which SuperLinks and SuperNodes run stops the detached processes of
+their Flower home (as Flower's SuperExec and Ray are) when it is stopped and when its parent is SIGKILLed.
+Real processes (``sleep`` in a new session, like ``flower-superexec``), Linux only, bounded waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from strpnet_core.console import die_with_parent_kwargs
+from strpnet_core.federation import flower_env, stop_process
+from strpnet_core.reaper import flower_processes
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and prctl")
+
+#: A "program" that starts a detached grandchild (own session, like Flower's SuperExec) and then waits.
+PROGRAM = textwrap.dedent("""
+    import subprocess, sys, time
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    print(child.pid, flush=True)
+    time.sleep(300)
+""")
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def _supervised(home: Path) -> list[str]:
+    return [sys.executable, "-m", "strpnet_core.reaper", "--home", str(home), "--", sys.executable, "-c", PROGRAM]
+
+
+def _kill_all(home: Path) -> None:
+    for pid in flower_processes(home):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_stopping_the_supervisor_stops_the_detached_grandchild(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = subprocess.Popen(_supervised(home), env=flower_env(home), stdout=subprocess.PIPE, text=True,
+                            **die_with_parent_kwargs())
+    try:
+        assert proc.stdout is not None
+        grandchild = int(proc.stdout.readline())
+        assert grandchild in flower_processes(home)  # found by its FLWR_HOME although in another session
+        assert os.getpgid(grandchild) != os.getpgid(proc.pid)
+        stop_process(proc, timeout_s=20)
+        assert _wait_for(lambda: not flower_processes(home), 10), flower_processes(home)
+    finally:
+        stop_process(proc)
+        _kill_all(home)
+
+
+def test_a_killed_parent_takes_the_supervised_tree_along(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    # parent (like flower-server) -> supervisor -> program -> detached grandchild; then SIGKILL the parent.
+    parent_code = textwrap.dedent(f"""
+        import subprocess, sys, time
+        from strpnet_core.console import die_with_parent_kwargs
+        subprocess.Popen({_supervised(home)!r}, **die_with_parent_kwargs())
+        time.sleep(300)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=flower_env(home), start_new_session=True)
+    try:
+        assert _wait_for(lambda: len(flower_processes(home)) >= 4, 60), flower_processes(home)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert _wait_for(lambda: not flower_processes(home), 20), flower_processes(home)
+    finally:
+        stop_process(parent)
+        _kill_all(home)

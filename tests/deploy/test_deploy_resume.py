@@ -1,0 +1,136 @@
+"""Item 2 of issue 6 in a real deployment on 127.0.0.1: ``flower-server`` (TLS SuperLink + SuperNode
+authentication, kept database) is killed with SIGKILL (its process group) after the round-1 checkpoint while two
+``flower-client`` sites keep running; no Flower process of the coordinator survives, ``flower-server --resume``
+stops the stale run, the same sites reconnect, and the final weights equal those of an uninterrupted simulation of
+the same seed, caches and configuration. Every process is started here and stopped by its PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.checkpoint import load_checkpoint
+from strpnet_core.commands.simulate import simulate
+from strpnet_core.federation import flower_env, free_port, stop_process
+from strpnet_core.reaper import flower_processes, process_environ
+
+from deploy_helpers import write_site_cache  # tests/deploy/deploy_helpers.py
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
+
+REPO = Path(__file__).resolve().parents[2]
+ROUNDS = 3
+SEED = 3
+RUN_CONFIG: dict[str, object] = {"preset": "ci", "seed": SEED, "val-fraction": 0.4, "local-epochs": 1,
+                                 "num-threads": 1, "model.widths": "4,8", "model.lstm-hidden": 8,
+                                 "model.risk-hidden": 8}
+
+
+def _command(script: str, module: str) -> list[str]:
+    exe = Path(sys.executable).parent / script
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=REPO, start_new_session=True)
+
+
+def _round(run_dir: Path) -> int:
+    ckpt = load_checkpoint(run_dir)
+    return -1 if ckpt is None else ckpt.server_round
+
+
+def test_killed_coordinator_resumes_with_the_same_sites(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run([str(REPO / "deploy" / "make_certs.sh"), str(certs), "--site", "a", "--site", "b"],
+                   check=True, capture_output=True, timeout=120)
+    caches = {s: write_site_cache(tmp_path / "cache" / s, s, seed=i) for i, s in enumerate(("a", "b"))}
+    port = free_port()
+    state, run_dir = tmp_path / "coordinator", tmp_path / "run"
+    env = flower_env(tmp_path / "flwr-home-test")
+    server_cmd = _command("flower-server", "server.coordinator") + [
+        "--certs", str(certs), "--site-key", str(certs / "sites/a/a.pub"), "--site-key", str(certs / "sites/b/b.pub"),
+        "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state), "--run-dir", str(run_dir),
+        "--rounds", str(ROUNDS), "--timeout", "900", "--app-dir", str(REPO),
+    ]
+    for key, value in RUN_CONFIG.items():
+        server_cmd += ["-c", f"{key}={json.dumps(value)}"]
+    client = _command("flower-client", "client.supernode")
+    server_log = tmp_path / "server.log"
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        procs["server"] = _start(server_cmd, server_log, env)
+        for s in ("a", "b"):
+            procs[s] = _start(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(caches[s]),
+                                        "--site-name", s, "--ca", str(certs / "ca.crt"),
+                                        "--key", str(certs / f"sites/{s}/{s}.key"), "--preset", "ci"],
+                              tmp_path / f"{s}.log", env)
+        deadline = time.monotonic() + 600
+        while _round(run_dir) < 1:
+            assert procs["server"].poll() is None and time.monotonic() < deadline, \
+                server_log.read_text(errors="replace")[-4000:]
+            time.sleep(0.2)
+        started = flower_processes(state / "flower")
+        envs = {pid: process_environ(pid) or {} for pid in started}
+        site_pids = [pid for s in ("a", "b") for pid in flower_processes(caches[s] / ".flower")]
+        envs.update({pid: process_environ(pid) or {} for pid in site_pids})
+        os.killpg(procs["server"].pid, signal.SIGKILL)
+        procs["server"].wait(timeout=30)
+        t_kill = time.monotonic()
+        deadline = time.monotonic() + 30
+        while (left := flower_processes(state / "flower")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        gone_s = time.monotonic() - t_kill
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes of the killed coordinator survived: {left}"
+        assert len(started) >= 3, started  # flower-superlink, flower-superexec, flwr run (+ flwr-serverapp)
+        assert len(site_pids) >= 4, site_pids  # per site: the supervisor and flower-supernode
+        for pid, e in envs.items():  # coordinator and sites: telemetry off, no runtime installs
+            assert e.get("FLWR_TELEMETRY_ENABLED") == "0", (pid, e.get("FLWR_TELEMETRY_ENABLED"))
+            assert e.get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1", pid
+        killed_at = _round(run_dir)
+        assert 1 <= killed_at < ROUNDS, f"the kill came after round {killed_at}: nothing left to resume"
+
+        procs["server"] = _start(server_cmd + ["--resume"], server_log, env)
+        rc = procs["server"].wait(timeout=900)
+        resumed_s = time.monotonic() - t_kill
+        text = server_log.read_text(errors="replace")
+        assert rc == 0, text[-4000:]
+        assert "was still open" in text and f"resuming {run_dir} from round {killed_at}" in text
+        for s in ("a", "b"):  # the sites outlived the coordinator and are still there
+            assert procs[s].poll() is None, (tmp_path / f"{s}.log").read_text(errors="replace")[-3000:]
+    finally:
+        for proc in procs.values():
+            stop_process(proc)
+    print(f"\nkilled after the round-{killed_at} checkpoint; {len(started)} coordinator processes, all gone "
+          f"{gone_s:.1f} s after the kill; the resumed run finished {resumed_s:.0f} s after the kill")
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from_round"] == killed_at and summary["rounds_completed"] == ROUNDS
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    assert all(r["train_sites"] == 2 and r["eval_sites"] == 2 for r in rows), rows
+
+    # The same federation, uninterrupted, in simulation: identical weights (seeded per site name and round;
+    # FedAvg sums in a content-defined order).
+    reference = tmp_path / "reference"
+    overrides = {k: v for k, v in RUN_CONFIG.items() if k not in ("preset", "seed")}
+    simulate(reference, data=None, cache=tmp_path / "cache", sites=2, rounds=ROUNDS, preset="ci", seed=SEED,
+             overrides=overrides, timeout_s=300, progress=False)
+    a = torch.load(reference / "final_model.pt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "final_model.pt", weights_only=True)["state_dict"]
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between the uninterrupted run and the killed + resumed one"
