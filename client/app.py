@@ -3,7 +3,11 @@
 - ``train``: global weights (ArrayRecord ``arrays``) -> local epochs on the site's training split -> new weights,
   ``num-examples`` and training means (MetricRecord ``metrics``).
 - ``evaluate``: global weights -> aggregate counts on the site's held-out split (MetricRecord ``metrics``): pair
-  counts for the concordance, Dice sums, loss sum, numbers of patients and events. No per-patient value.
+  counts for the concordance, Dice sums, loss sum, numbers of patients and events. No per-patient value; a split
+  smaller than the site's ``min-eval-patients`` (node config, default 2) sends zero counts (``client/audit.py``).
+
+Every reply passes the privacy audit mod (``client/audit.py``): only the model's arrays and allow-listed aggregate
+keys may leave the site; anything else is replaced by an error reply.
 
 The global round seen by the site is ``server-round + round-offset`` (the server sets the offset when it resumes),
 so that a resumed run trains exactly like an uninterrupted one.
@@ -15,14 +19,29 @@ import logging
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
-from strpnet_core.federation import FederationConfig, local_evaluate, local_train
+from strpnet_core.federation import FederationConfig, load_site_dataset, local_evaluate, local_train, site_splits
 
+from .audit import (
+    METRICS_RECORD,
+    labelled_in_split,
+    min_eval_patients,
+    privacy_audit_mod,
+    suppress_small_evaluation,
+)
+from .dp_mod import dp_clipping_mod
 from .site_data import ready_site
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+#: Mods of every message, outermost first. ``privacy_audit_mod`` stays first so that it inspects the reply that
+#: actually leaves the site, after every other mod (``client/audit.py``). Append further mods after it.
+CLIENT_MODS: list[Mod] = [privacy_audit_mod]
+#: Mods of train messages only (inside CLIENT_MODS), e.g. Flower's ``fixedclipping_mod`` for client-side DP.
+TRAIN_MODS: list[Mod] = [dp_clipping_mod]  # clips the update only when the server asks (dp = "client-fixed")
+
+app = ClientApp(mods=CLIENT_MODS)
 
 
 def _global_round(msg: Message) -> int:
@@ -30,7 +49,7 @@ def _global_round(msg: Message) -> int:
     return int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
 
 
-@app.train()
+@app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data and reply with weights and metrics."""
     cfg = FederationConfig.from_run_config(context.run_config)
@@ -42,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=_global_round(msg),
         site_name=site.site_name,
     )
-    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": ArrayRecord(weights), METRICS_RECORD: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -51,5 +70,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's held-out patients; reply with aggregate counts only."""
     cfg = FederationConfig.from_run_config(context.run_config)
     site = ready_site(context.node_config, cfg)
-    metrics = local_evaluate(msg.content["arrays"].to_torch_state_dict(), site.cache_dir, cfg, site_name=site.site_name)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics = local_evaluate(msg.content["arrays"].to_torch_state_dict(), site.cache_dir, cfg, site_name=site.site_name,
+                             server_round=_global_round(msg))
+    _, split = site_splits(load_site_dataset(site.cache_dir), cfg, site.site_name)
+    metrics = suppress_small_evaluation(metrics, min_eval_patients(context.node_config),
+                                        n_labelled=labelled_in_split(split), site_name=site.site_name)
+    return Message(content=RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)

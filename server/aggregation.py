@@ -4,28 +4,21 @@
   C-index and pooled Dice (``strpnet_core.federation.pool_eval_counts``). FedAvg's default weighted mean of
   per-site values would be wrong for Harrell's C.
 - :func:`train_metrics_aggr_fn`: example-weighted means of the sites' training losses.
-- :class:`STRPNetFedAvg`: ``flwr.serverapp.strategy.FedAvg`` that (1) checks every reply's keys and names the node
-  in a clear error, (2) averages the weights in an order fixed by their content (not by arrival), so that a run and
-  its resumed twin reach bit-identical weights, (3) remembers each round's aggregated metrics for checkpoints.
+- :func:`arrays_digest`: the content key by which the strategy orders replies before averaging, so that a run and
+  its resumed twin reach bit-identical weights.
+
+The strategies themselves (FedAvg, FedMedian, FedTrimmedAvg, Krum, DP wrappers; reply checks, bounded node sampling)
+are in ``server/strategy.py``; ``STRPNetFedAvg`` is still importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from strpnet_core.federation import (
-    EVAL_COUNT_KEYS,
-    NUM_EXAMPLES_KEY,
-    TRAIN_METRIC_PREFIX,
-    check_reply_keys,
-    pool_eval_counts,
-    pool_train_metrics,
-)
+from strpnet_core.federation import NUM_EXAMPLES_KEY, TRAIN_METRIC_PREFIX, pool_eval_counts, pool_train_metrics
 
 
 class ReplyFormatError(ValueError):
@@ -92,69 +85,10 @@ def arrays_digest(arrays: ArrayRecord) -> str:
     return h.hexdigest()
 
 
-def _reply_name(msg: Message) -> str:
-    return f"node {msg.metadata.src_node_id}"
+def __getattr__(name: str) -> object:
+    """``STRPNetFedAvg`` moved to ``server/strategy.py`` (with FedMedian, FedTrimmedAvg, Krum and DP); kept importable."""
+    if name == "STRPNetFedAvg":
+        from .strategy import STRPNetFedAvg
 
-
-class STRPNetFedAvg(FedAvg):
-    """FedAvg with clear reply checks, content-ordered averaging and per-round metric memory.
-
-    Parameters are those of ``flwr.serverapp.strategy.FedAvg``; the metric aggregation functions default to
-    :func:`train_metrics_aggr_fn` and :func:`evaluate_metrics_aggr_fn`.
-
-    Attributes
-    ----------
-    last_train_metrics, last_evaluate_metrics:
-        The aggregated metrics of the latest round (None when that step had no valid reply); the server's
-        per-round hook reads and clears them.
-    last_train_failures, last_evaluate_failures:
-        Number of error replies in the latest round.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("train_metrics_aggr_fn", train_metrics_aggr_fn)
-        kwargs.setdefault("evaluate_metrics_aggr_fn", evaluate_metrics_aggr_fn)
-        super().__init__(**kwargs)
-        self.last_train_metrics: MetricRecord | None = None
-        self.last_evaluate_metrics: MetricRecord | None = None
-        self.last_train_failures = 0
-        self.last_evaluate_failures = 0
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check the replies, order them by weight content, then FedAvg them."""
-        replies = list(replies)
-        valid = [m for m in replies if not m.has_error()]
-        self.last_train_failures = len(replies) - len(valid)
-        if valid:
-            names = [_reply_name(m) for m in valid]
-            for name, m in zip(names, valid, strict=True):
-                if len(m.content.array_records) != 1:
-                    raise ReplyFormatError(f"train reply from {name}: expected one ArrayRecord (the weights)")
-            try:
-                check_reply_keys([_metrics_of([m.content], "train")[0] for m in valid],
-                                 (NUM_EXAMPLES_KEY, f"{TRAIN_METRIC_PREFIX}loss"), what="train", names=names)
-            except ValueError as exc:
-                raise ReplyFormatError(str(exc)) from None
-            valid.sort(key=lambda m: arrays_digest(next(iter(m.content.array_records.values()))))
-        ordered = valid + [m for m in replies if m.has_error()]
-        arrays, metrics = super().aggregate_train(server_round, ordered)
-        self.last_train_metrics = metrics
-        return arrays, metrics
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Check the replies' keys (naming the node), then pool the counts."""
-        replies = list(replies)
-        valid = [m for m in replies if not m.has_error()]
-        self.last_evaluate_failures = len(replies) - len(valid)
-        if valid:
-            try:
-                check_reply_keys([_metrics_of([m.content], "evaluate")[0] for m in valid],
-                                 (*EVAL_COUNT_KEYS, NUM_EXAMPLES_KEY), what="evaluate",
-                                 names=[_reply_name(m) for m in valid])
-            except ValueError as exc:
-                raise ReplyFormatError(str(exc)) from None
-        metrics = super().aggregate_evaluate(server_round, replies)
-        self.last_evaluate_metrics = metrics
-        return metrics
+        return STRPNetFedAvg
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

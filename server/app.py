@@ -1,5 +1,10 @@
 """The Flower ServerApp: FedAvg over the sites, federated concordance, a checkpoint after every round, run outputs.
 
+The strategy (``server/strategy.py``, from the run config): FedAvg, FedMedian, FedTrimmedAvg or Krum, optionally inside
+Flower's DP wrappers; replies are checked before aggregation, node sampling waits a bounded time and goes on with a
+quorum. When fewer sites than the quorum remain, the outputs of the completed rounds are written and the run fails
+with a clear error (``resume=true`` continues it later).
+
 Every knob is in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (``flwr run -c key=value`` overrides it); parsing is
 ``strpnet_core.federation.FederationConfig``. With ``resume=true`` the run continues from ``run-dir/checkpoint.npz``
 (weights, completed rounds, metrics history, RNG states) and reaches the same final model as an uninterrupted run:
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import random
 import time
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from strpnet_core.federation import FederationConfig, build_model
+from strpnet_core.risk_reference import write_risk_reference_from_history
 
-from .aggregation import STRPNetFedAvg
 from .checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .outputs import write_final_model, write_metrics, write_summary
+from .strategy import QuorumNotReached, STRPNetStrategyMixin, core_strategy, make_strategy
 
 app = ServerApp()
 
@@ -41,18 +47,20 @@ def _weights(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: np.array(v.numpy(), copy=True) for k, v in arrays.items()}
 
 
-def _round_row(server_round: int, strategy: STRPNetFedAvg, seconds: float, model_bytes: int) -> dict[str, Any]:
+def _round_row(server_round: int, strategy: STRPNetStrategyMixin, seconds: float, model_bytes: int) -> dict[str, Any]:
     row: dict[str, Any] = {"round": server_round, "round_seconds": seconds, "model_bytes": model_bytes}
-    if strategy.last_train_metrics is not None:
-        for k, v in strategy.last_train_metrics.items():
+    stats = strategy.pop_round_stats()
+    if stats["train_metrics"] is not None:
+        for k, v in stats["train_metrics"].items():
             row[k.replace("-", "_") if k.startswith("train-") else f"train_{k.replace('-', '_')}"] = v
-    if strategy.last_evaluate_metrics is not None:
-        for k, v in strategy.last_evaluate_metrics.items():
+    if stats["evaluate_metrics"] is not None:
+        for k, v in stats["evaluate_metrics"].items():
             row[f"eval_{k.replace('-', '_')}" if k in ("loss", "sites", "num-examples") else k.replace("-", "_")] = v
-    row["train_failures"] = strategy.last_train_failures
-    row["eval_failures"] = strategy.last_evaluate_failures
-    strategy.last_train_metrics = strategy.last_evaluate_metrics = None
-    strategy.last_train_failures = strategy.last_evaluate_failures = 0
+    for key in ("train_failures", "eval_failures", "train_rejected", "eval_rejected", "sites_connected"):
+        row[key] = stats[key]
+    # per-site aggregate counts (node id -> what that site sent; `strpnet report`); metrics.json only, not the CSV
+    if stats["site_metrics"]:
+        row["per_site"] = [{"node": n, **v} for n, v in sorted(stats["site_metrics"].items())]
     return row
 
 
@@ -98,13 +106,11 @@ def main(grid: Grid, context: Context) -> None:
     total = cfg.num_server_rounds
     model_bytes = arrays.count_bytes()
     log(INFO, "[strpnet] run dir %s; rounds %d..%d; model %.2f MB", run_dir, done + 1, total, model_bytes / 1e6)
-    strategy = STRPNetFedAvg(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_train_nodes,
-        min_evaluate_nodes=cfg.min_evaluate_nodes,
-        min_available_nodes=cfg.min_available_nodes,
-    )
+    strategy = make_strategy(cfg, round_offset=done)
+    core = core_strategy(strategy)
+    log(INFO, "[strpnet] aggregation %s, dp %s, quorum %d train / %d evaluate site(s) of %d, node-wait-timeout %.0f s",
+        cfg.aggregation, cfg.dp, cfg.min_train_nodes, cfg.min_evaluate_nodes, cfg.min_available_nodes,
+        cfg.node_wait_timeout)
     state: dict[str, Any] = {"arrays": arrays, "t": time.monotonic(), "start": time.monotonic()}
 
     def after_round(local_round: int, current: ArrayRecord) -> MetricRecord | None:
@@ -114,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
             state["t"] = now
             return None
         server_round = done + local_round
-        row = _round_row(server_round, strategy, now - state["t"], model_bytes)
+        row = _round_row(server_round, core, now - state["t"], model_bytes)
         state["t"], state["arrays"] = now, current
         history.append(row)
         save_checkpoint(run_dir, Checkpoint(server_round, _weights(current), history, cfg.to_dict(), capture_rng()))
@@ -127,29 +133,37 @@ def main(grid: Grid, context: Context) -> None:
             _fmt(row.get("dice")), _fmt(row.get("eval_loss"), ".4f"), _fmt(row.get("train_loss"), ".4f"),
             _fmt(row["round_seconds"], ".1f"),
         )
-        if row["train_failures"] or row["eval_failures"]:
-            log(WARNING, "[strpnet] round %d: %d train and %d evaluate replies were errors", server_round,
-                row["train_failures"], row["eval_failures"])
+        if row["train_failures"] or row["eval_failures"] or row["train_rejected"] or row["eval_rejected"]:
+            log(WARNING, "[strpnet] round %d: %d train and %d evaluate site(s) failed or were lost; %d train and %d "
+                "evaluate replies rejected", server_round, row["train_failures"], row["eval_failures"],
+                row["train_rejected"], row["eval_rejected"])
         return None
 
     remaining = total - done
+    stopped: str | None = None
     if remaining > 0:
         offset = ConfigRecord({"round-offset": done})
-        strategy.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=remaining,
-            timeout=cfg.round_timeout,
-            train_config=offset,
-            evaluate_config=ConfigRecord({"round-offset": done}),
-            evaluate_fn=after_round,
-        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=arrays,
+                num_rounds=remaining,
+                timeout=cfg.round_timeout,
+                train_config=offset,
+                evaluate_config=ConfigRecord({"round-offset": done}),
+                evaluate_fn=after_round,
+            )
+        except QuorumNotReached as exc:
+            stopped = str(exc)
+            log(ERROR, "[strpnet] %s; writing the outputs of the %d completed round(s) (resume=true continues)",
+                stopped, history[-1]["round"] if history else done)
     else:
         log(INFO, "[strpnet] the checkpoint already has %d of %d rounds: writing the outputs only", done, total)
 
     final: ArrayRecord = state["arrays"]
     model_path = write_final_model(run_dir, final.to_torch_state_dict(), model_cfg.to_dict(), train_cfg.to_dict(),
                                    server_round=max(done, history[-1]["round"] if history else 0))
+    write_risk_reference_from_history(run_dir, history)  # risk_reference.json: pooled risk quantiles (predict)
     write_metrics(run_dir, history)
     last = history[-1] if history else {}
     scored = [r for r in history if isinstance(r.get("c_index"), float) and r["c_index"] == r["c_index"]]
@@ -168,7 +182,10 @@ def main(grid: Grid, context: Context) -> None:
         "model_bytes": model_bytes,
         "wall_seconds_this_session": time.monotonic() - state["start"],
         "config": cfg.to_dict(),
+        "stopped": stopped,
         "privacy": "sites sent only weights and aggregate counts (pair counts, Dice sums, loss sums, numbers of "
                    "patients/events, training means)",
     })
+    if stopped is not None:
+        raise RuntimeError(f"the run stopped early: {stopped}; outputs of the completed rounds in {run_dir}")
     log(INFO, "[strpnet] done: outputs in %s", run_dir)

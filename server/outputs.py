@@ -43,9 +43,12 @@ def _clean(value: Any) -> Any:
 
 
 def write_metrics(run_dir: str | os.PathLike[str], history: Sequence[Mapping[str, Any]]) -> None:
-    """Write ``metrics.csv`` and ``metrics.json`` (one row per round, ``round`` first, other columns sorted)."""
+    """Write ``metrics.csv`` and ``metrics.json`` (one row per round, ``round`` first, other columns sorted).
+
+    Nested values (the ``per_site`` list of per-site aggregate counts) go to ``metrics.json`` only.
+    """
     run_dir = Path(run_dir)
-    keys = sorted({k for row in history for k in row} - {"round"})
+    keys = sorted({k for row in history for k, v in row.items() if not isinstance(v, list | dict)} - {"round"})
     columns = ["round", *keys]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")

@@ -63,10 +63,39 @@ EVAL_COUNT_KEYS: tuple[str, ...] = (
     "n_patients",
     "n_events",
 )
+#: Risk-reference histogram of a site's training patients' risk scores (``strpnet_core.risk_reference``), sent with
+#: the evaluation counts and summed by the server: :data:`RISK_HIST_BINS` equal bins over
+#: [:data:`RISK_HIST_LOW`, :data:`RISK_HIST_HIGH`) plus an underflow and an overflow bin. Fixed in code, so every site
+#: bins alike and the sums are meaningful.
+RISK_HIST_LOW = -10.0
+RISK_HIST_HIGH = 10.0
+RISK_HIST_BINS = 40
+#: ``risk_hist_00`` counts risk < LOW, ``risk_hist_01`` .. ``risk_hist_40`` the bins, ``risk_hist_41`` risk >= HIGH.
+RISK_HIST_KEYS: tuple[str, ...] = tuple(f"risk_hist_{i:02d}" for i in range(RISK_HIST_BINS + 2))
+#: A site with fewer training patients than this sends an all-zero histogram (a k-anonymity-like minimum count).
+RISK_HIST_MIN_PATIENTS = 5
 #: Flower's weighting key (FedAvg's ``weighted_by_key``).
 NUM_EXAMPLES_KEY = "num-examples"
 #: Prefix of the training metrics a site sends (means over its local epochs).
 TRAIN_METRIC_PREFIX = "train-"
+#: Privacy allow-list of a train reply's MetricRecord (``client/audit.py`` blocks any other key): the output keys of
+#: :func:`train_metrics` (example count, mean losses over the local epochs, compute time).
+TRAIN_REPLY_KEYS: tuple[str, ...] = (
+    NUM_EXAMPLES_KEY,
+    *(f"{TRAIN_METRIC_PREFIX}{name}" for name in ("loss", "seconds", "dice", "bce", "cox")),
+)
+#: Privacy allow-list of an evaluate reply's MetricRecord: the evaluation counts, the risk-reference histogram counts
+#: and ``num-examples``. Add a new aggregate here (and only here) when the evaluate reply gains one.
+EVAL_REPLY_KEYS: tuple[str, ...] = (*EVAL_COUNT_KEYS, *RISK_HIST_KEYS, NUM_EXAMPLES_KEY)
+#: Reply keys whose value may be a list of numbers (e.g. a histogram as one key); every other key must be a scalar.
+LIST_REPLY_KEYS: tuple[str, ...] = ()
+#: A site whose evaluation split has fewer patients than this sends zeros for :data:`EVAL_COUNT_KEYS` and
+#: ``num-examples`` (with 1 patient, ``n_events`` and ``loss_sum`` *are* that patient's event and loss). A site may
+#: raise it with its own node config ``min-eval-patients`` (``client/audit.py``); the server cannot lower it.
+MIN_EVAL_PATIENTS = 2
+#: Evaluation sums over the *labelled* patients only (those with a recurrence mask): zeroed when fewer than
+#: :data:`MIN_EVAL_PATIENTS` held-out patients are labelled (one labelled patient's sums are its loss and mask sizes).
+EVAL_LABELLED_KEYS: tuple[str, ...] = ("dice_intersection", "dice_denominator", "loss_sum")
 #: Marker written into a site's cache folder once it is complete.
 READY_MARKER = ".strpnet-ready.json"
 #: Lock file guarding the first use of a site's cache.
@@ -88,7 +117,20 @@ RUN_DEFAULTS: dict[str, Any] = {
     "resume": False,
     "data-root": "",
     "cache-root": "",
+    # reliability and security (server/strategy.py, docs/reliability.md)
+    "node-wait-timeout": 120.0,
+    "start-wait-timeout": 3600.0,
+    "aggregation": "fedavg",
+    "trim-beta": 0.25,
+    "krum-num-malicious": 1,
+    "dp": "off",
+    "dp-noise-multiplier": 1.0,
+    "dp-clipping-norm": 1.0,
 }
+#: Values of ``aggregation`` (``server/strategy.py``).
+AGGREGATIONS: tuple[str, ...] = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
+#: Values of ``dp``: no differential privacy, Flower's central DP with server-side or client-side fixed clipping.
+DP_MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed")
 #: Run-config prefix of ``ModelConfig`` fields (``model.<field-with-dashes>``).
 MODEL_PREFIX = "model."
 
@@ -125,6 +167,16 @@ class FederationConfig:
     data_root, cache_root:
         Simulation only: folder of raw site folders and folder of per-site caches (partition ``p`` = ``p``-th site
         in name order).
+    node_wait_timeout, start_wait_timeout:
+        Longest wait (s) of a node sampling for ``min-available-nodes`` during the run / before the first round;
+        then the run goes on with the connected sites if at least ``min-train-nodes`` (``min-evaluate-nodes``) are
+        there, else stops with the outputs of the completed rounds (``server/strategy.py``).
+    aggregation, trim_beta, krum_num_malicious:
+        ``fedavg``, ``fedmedian``, ``fedtrimmedavg`` (dropping ``floor(trim-beta * n)`` values at each end) or
+        ``krum`` (``krum-num-malicious`` = assumed number of hostile sites).
+    dp, dp_noise_multiplier, dp_clipping_norm:
+        Central differential privacy with fixed clipping (Flower's wrappers): ``off``, ``server-fixed`` or
+        ``client-fixed``; noise standard deviation = multiplier * norm / accepted replies.
     model:
         ``ModelConfig`` fields given as ``model.<field>`` (dashes or underscores).
     train:
@@ -145,6 +197,14 @@ class FederationConfig:
     resume: bool = False
     data_root: str = ""
     cache_root: str = ""
+    node_wait_timeout: float = 120.0
+    start_wait_timeout: float = 3600.0
+    aggregation: str = "fedavg"
+    trim_beta: float = 0.25
+    krum_num_malicious: int = 1
+    dp: str = "off"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -211,6 +271,26 @@ class FederationConfig:
             raise ValueError(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.round_timeout <= 0:
             raise ValueError(f"round-timeout must be > 0 s, got {self.round_timeout}")
+        for name in ("node_wait_timeout", "start_wait_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_dash(name)} must be >= 0 s, got {getattr(self, name)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.krum_num_malicious < 0:
+            raise ValueError(f"krum-num-malicious must be >= 0, got {self.krum_num_malicious}")
+        if self.dp not in DP_MODES:
+            raise ValueError(f"dp must be one of {', '.join(DP_MODES)}, got {self.dp!r}")
+        if self.dp_noise_multiplier < 0:
+            raise ValueError(f"dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}")
+        if self.dp_clipping_norm <= 0:
+            raise ValueError(f"dp-clipping-norm must be > 0, got {self.dp_clipping_norm}")
+        if self.dp != "off" and self.aggregation != "fedavg":
+            raise ValueError(
+                f"dp={self.dp} needs aggregation=fedavg (got {self.aggregation!r}): the noise is calibrated for the "
+                f"mean of the clipped updates; a median, trimmed mean or Krum choice has another sensitivity"
+            )
 
     def model_config(self) -> ModelConfig:
         """The ``ModelConfig`` of this run (defaults overridden by ``model.*`` keys)."""
@@ -400,9 +480,15 @@ def prepare_site_cache(
     ------
     FileNotFoundError
         When there is neither raw data nor a cache.
+    strpnet_core.site.NoUsablePatientError
+        (a ValueError) When no patient of the site is usable; its message holds only the site name, the number of
+        rejected cases and the path of the site-local report (``CACHE_DIR/preprocess_report.json``), so it may
+        leave the site as a ClientApp error reply. The site log gets the per-case table.
     ValueError
-        When no patient of the site is usable, or the cache's preset differs.
+        When the cache's preset differs.
     """
+    from .site import NoUsablePatientError
+
     cache = Path(cache_dir)
     info = _read_marker(cache)
     if info is None:
@@ -414,7 +500,7 @@ def prepare_site_cache(
     _check_preset(cache, info, preset)
     n = len(list_cache(cache))
     if n == 0:
-        raise ValueError(f"site {site_name}: the cache {cache} holds no patient")
+        raise NoUsablePatientError(site_name, int(info.get("patients_total", 0) or 0), cache)
     return SiteCache(site_name=site_name, cache_dir=cache, preset=str(info.get("preset", preset)), num_patients=n)
 
 
@@ -430,12 +516,24 @@ def _build_cache(
 ) -> dict[str, Any]:
     raw = Path(data_dir) if data_dir else None
     if raw is not None and raw.is_dir():
+        from .cache import cache_path
         from .preprocessing.pipeline import preprocess_site
+        from .site import NoUsablePatientError
 
         log.info("site %s: validating and preprocessing %s into %s (preset %s)", site_name, raw, cache, preset)
         report = preprocess_site(raw, cache, workers=workers, preset=preset, seed=seed, progress=progress)
+        # A case rejected now may have a cache file from an earlier build on other data: it must not be trained on.
+        for pid in [*report.excluded, *(r.patient_id for r in report.failed)]:
+            stale = cache_path(cache, pid)
+            if stale.exists():
+                log.warning("site %s: removing %s (the patient is now rejected)", site_name, stale)
+                stale.unlink()
+        if report.rejected:
+            log.warning("site %s: %d patient(s) rejected (details in %s):\n%s", site_name, report.rejected,
+                        report.report_path, report.table())
         if not report.ok:
-            raise ValueError(f"site {site_name}: no patient of {raw} could be preprocessed:\n{report.table()}")
+            # The message may leave the site (a ClientApp error reply): counts and the site name only.
+            raise NoUsablePatientError(site_name, report.rejected, report.report_path)
         info = {"site_name": site_name, "preset": preset, "source": str(raw), "built": time.time(),
                 "patients_ok": len(report.ok), "patients_total": len(report.results),
                 "settings_hash": str(getattr(report, "settings_hash", ""))}
@@ -469,12 +567,29 @@ _DATASETS: dict[str, Any] = {}
 
 
 def load_site_dataset(cache_dir: str | os.PathLike[str]) -> Any:
-    """The site's ``PatientDataset``, kept per process (simulation actors reuse it across rounds)."""
+    """The site's ``PatientDataset``, kept per process (simulation actors reuse it across rounds).
+
+    Cache files that cannot be used (``strpnet_core.cache.cache_file_problem``: e.g. copied in half) are left out
+    with a warning in the site's log; when none is usable, :class:`strpnet_core.site.NoUsablePatientError` (counts
+    only: it may leave the site as an error reply).
+    """
+    from .cache import cache_file_problem
     from .dataset import PatientDataset
+    from .site import NoUsablePatientError
 
     key = str(Path(cache_dir).resolve())
     if key not in _DATASETS:
-        _DATASETS[key] = PatientDataset(cache_dir)
+        files = list_cache(cache_dir)
+        good = []
+        for f in files:
+            problem = cache_file_problem(f)
+            if problem is None:
+                good.append(f)
+            else:
+                log.warning("%s: %s; patient left out", f, problem)
+        if not good:
+            raise NoUsablePatientError(Path(cache_dir).name, len(files), cache_dir)
+        _DATASETS[key] = PatientDataset(good)
     return _DATASETS[key]
 
 
@@ -565,21 +680,33 @@ def local_evaluate(
     cfg: FederationConfig,
     *,
     site_name: str,
+    server_round: int | None = None,
 ) -> dict[str, float | int]:
     """Evaluate the global model on a site's held-out split; return aggregate counts only.
+
+    Also counts the risk scores of the site's training patients in the fixed bins :data:`RISK_HIST_KEYS`
+    (``strpnet_core.risk_reference``; all zeros below :data:`RISK_HIST_MIN_PATIENTS` patients): the server sums them
+    into the reference distribution that ``strpnet predict`` ranks a new patient's risk in.
+
+    Parameters
+    ----------
+    server_round:
+        Global round of this evaluation, when the caller knows it: the histogram is computed only in the final round
+        (``num-server-rounds``; zeros before, saving a forward pass over the training split). None: every round.
 
     Returns
     -------
     dict
-        :data:`EVAL_COUNT_KEYS` (pair counts, Dice sums, loss sum, numbers of patients and events) and
-        ``num-examples`` (= evaluated patients). No per-patient value.
+        :data:`EVAL_COUNT_KEYS` (pair counts, Dice sums, loss sum, numbers of patients and events),
+        :data:`RISK_HIST_KEYS` (counts) and ``num-examples`` (= evaluated patients). No per-patient value.
     """
+    from .risk_reference import dataset_risks, site_risk_histogram
     from .training import evaluate_model, seed_everything
 
     train_cfg = cfg.train_config()
     model = build_model(cfg)
     model.load_state_dict(state_dict)
-    _, val_set = site_splits(load_site_dataset(cache_dir), cfg, site_name)
+    train_set, val_set = site_splits(load_site_dataset(cache_dir), cfg, site_name)
     seed_everything(derive_seed(cfg.seed, "evaluate", site_name))
     agg = evaluate_model(model, val_set, train_cfg)
     metrics = dict(agg.to_metrics())
@@ -588,6 +715,10 @@ def local_evaluate(
         raise RuntimeError(f"EvalAggregates.to_metrics() lacks {missing}: client and core disagree")
     out: dict[str, float | int] = {k: metrics[k] for k in EVAL_COUNT_KEYS}
     out[NUM_EXAMPLES_KEY] = int(metrics["n_patients"])
+    if server_round is None or server_round >= cfg.num_server_rounds:
+        out.update(site_risk_histogram(dataset_risks(model, train_set, train_cfg)))
+    else:
+        out.update(dict.fromkeys(RISK_HIST_KEYS, 0))
     return out
 
 
@@ -641,9 +772,12 @@ def pool_eval_counts(replies: Sequence[Mapping[str, float | int]],
         - ``c-index`` = (concordant + tied_risk / 2) / comparable  (NaN when no pair is comparable),
         - ``dice`` = 2 * dice_intersection / dice_denominator      (pooled over voxels; 1 when both empty),
         - ``loss`` = loss_sum / n_patients.
+
+        The risk-histogram counts :data:`RISK_HIST_KEYS` are summed too when the replies hold them.
     """
     check_reply_keys(replies, EVAL_COUNT_KEYS, what="evaluate", names=names)
-    pooled: dict[str, float] = {k: float(sum(float(r[k]) for r in replies)) for k in EVAL_COUNT_KEYS}
+    summed = EVAL_COUNT_KEYS + (RISK_HIST_KEYS if replies and all(k in replies[0] for k in RISK_HIST_KEYS) else ())
+    pooled: dict[str, float] = {k: float(sum(float(r[k]) for r in replies)) for k in summed}
     pooled.update(derived_eval_metrics(pooled))
     pooled["sites"] = float(len(replies))
     return pooled
@@ -651,11 +785,14 @@ def pool_eval_counts(replies: Sequence[Mapping[str, float | int]],
 
 def derived_eval_metrics(counts: Mapping[str, float]) -> dict[str, float]:
     """C-index (``metrics.ConcordanceCounts``; NaN without comparable pair), pooled Dice
-    (``metrics.dice_from_counts``) and mean loss (NaN without patient) from (pooled) counts."""
+    (``metrics.dice_from_counts``; NaN when no labelled patient was counted: a recurrence mask is never empty, so
+    ``dice_denominator = 0`` means "no data", e.g. every site below its small-count rule) and mean loss (NaN without
+    patient) from (pooled) counts."""
     from .metrics import ConcordanceCounts, dice_from_counts
 
     c_index = ConcordanceCounts.from_dict(counts).c_index
-    dice = dice_from_counts(counts["dice_intersection"], counts["dice_denominator"])
+    dice = (dice_from_counts(counts["dice_intersection"], counts["dice_denominator"])
+            if counts["dice_denominator"] > 0 else math.nan)
     loss = counts["loss_sum"] / counts["n_patients"] if counts["n_patients"] > 0 else math.nan
     return {"c-index": float(c_index), "dice": float(dice), "loss": float(loss)}
 

@@ -1,42 +1,12 @@
-"""Site caches written directly (no synth/preprocessing): tiny random volumes with a learnable signal."""
+"""Fixtures of the federation tests: `site_caches` (tests/sim_fixtures.make_site_caches)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from strpnet_core.cache import CachedPatient, cache_path, save_cached_patient
-
-def make_site_caches(root: Path, *, sites: int = 3, patients: int = 6, size: int = 16, seed: int = 0) -> Path:
-    """Write ``root/site-0k/<patient>.npz`` for ``sites`` sites; returns ``root``.
-
-    Each patient has T=2 timepoints of 4 modalities on a ``size``^3 grid; a bright blob marks the recurrence
-    (event = 1) and its intensity drives the time to event, so both tasks are learnable.
-    """
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.mgrid[:size, :size, :size]
-    for s in range(sites):
-        site = f"site-{s + 1:02d}"
-        for i in range(patients):
-            c = rng.integers(size // 4, 3 * size // 4, 3)
-            r = size / 6
-            blob = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= r * r
-            strength = float(rng.uniform(0.5, 2.5))
-            images = rng.normal(0, 0.3, (2, 4, size, size, size)).astype(np.float32)
-            images[:, 1][:, blob] += strength
-            event = int(rng.random() < 0.7)
-            time = float(np.clip(900 / strength + rng.normal(0, 40), 30, 1500))
-            brain = np.ones((size,) * 3, dtype=np.uint8)
-            patient = CachedPatient(
-                patient_id=f"S{s + 1:02d}-{i:03d}", site=site, images=images,
-                days=np.array([0.0, 60.0 + i], dtype=np.float32), timepoints=["000", "001"], brain_mask=brain,
-                recurrence=blob.astype(np.uint8) if event else None, event=event, time=time,
-                meta={"preset": "ci", "synthetic_test_cache": True},
-            )
-            save_cached_patient(cache_path(root / site, patient.patient_id), patient)
-    return root
+from sim_fixtures import make_site_caches
 
 
 @pytest.fixture(scope="session")

@@ -10,19 +10,10 @@ import pytest
 import torch
 
 from strpnet_core.commands.simulate import simulate
+from sim_fixtures import TINY_RUN_CONFIG
 
 pytestmark = pytest.mark.integration
 
-#: Run-config overrides of a tiny ST-RPNet (every key exists in [tool.flwr.app.config]).
-TINY_RUN_CONFIG: dict[str, object] = {
-    "val-fraction": 0.4,
-    "local-epochs": 2,
-    "lr": 0.003,
-    "num-threads": 1,
-    "model.widths": "4,8",
-    "model.lstm-hidden": 8,
-    "model.risk-hidden": 8,
-}
 
 
 def _run(run_dir: Path, caches: Path, rounds: int, *, resume: bool = False) -> dict:
