@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -83,3 +84,103 @@ def resample_mask_like(mask: sitk.Image, like: sitk.Image, transform: sitk.Trans
     """Nearest-neighbour resampling of a binary mask onto ``like``'s grid (uint8, 0 outside)."""
     tx = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
     return sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), like, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def grid_from_geometry(geometry: Mapping[str, Any]) -> tuple[sitk.Image, sitk.Image]:
+    """The (empty) model grid and pre-op T1c reference images described by a ``CachedPatient.geometry``.
+
+    Returns
+    -------
+    (grid, reference):
+        uint8 images with the stored origin, spacing, direction and size (ITK conventions, LPS, x, y, z order).
+
+    Raises
+    ------
+    ValueError
+        When a key of :func:`grid_geometry` is missing or malformed (named).
+    """
+    images = []
+    for prefix in ("grid", "reference"):
+        try:
+            size = [int(s) for s in geometry[f"{prefix}_size"]]
+            origin = [float(v) for v in geometry[f"{prefix}_origin"]]
+            spacing = [float(v) for v in geometry[f"{prefix}_spacing"]]
+            direction = [float(v) for v in geometry[f"{prefix}_direction"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"geometry: missing or malformed {prefix}_* entries ({type(exc).__name__}: {exc})") from None
+        if len(size) != 3 or len(origin) != 3 or len(spacing) != 3 or len(direction) != 9 or min(size) < 1:
+            raise ValueError(f"geometry: {prefix}_* entries are not those of a 3D image: size {size}, "
+                             f"origin {origin}, spacing {spacing}, direction {direction}")
+        img = sitk.Image(size, sitk.sitkUInt8)
+        img.SetOrigin(origin)
+        img.SetSpacing(spacing)
+        img.SetDirection(direction)
+        images.append(img)
+    return images[0], images[1]
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, *, tol: float = 1e-4) -> str | None:
+    """None when ``a`` and ``b`` share size, origin, spacing and direction (within ``tol`` mm / cosine), else a
+    one-line description of the first difference."""
+    if tuple(a.GetSize()) != tuple(b.GetSize()):
+        return f"size {a.GetSize()} != {b.GetSize()}"
+    for name in ("Origin", "Spacing", "Direction"):
+        va, vb = np.asarray(getattr(a, f"Get{name}")()), np.asarray(getattr(b, f"Get{name}")())
+        if va.shape != vb.shape or np.max(np.abs(va - vb)) > tol:
+            return f"{name.lower()} {tuple(np.round(va, 5))} != {tuple(np.round(vb, 5))}"
+    return None
+
+
+def resample_from_grid(
+    values: np.ndarray, geometry: Mapping[str, Any], reference: sitk.Image | None = None, *, label: bool = False
+) -> sitk.Image:
+    """Map an array on the model grid back into the pre-op T1c space: the inverse of :func:`resample_to_grid` with
+    the identity transform (the pre-op T1c is the reference space; the model grid is a crop/resample of it).
+
+    With ``G`` the model grid's index-to-physical map and ``y`` a voxel centre of the reference::
+
+        out(y) = interp(values, G^{-1}(y))   if G^{-1}(y) lies inside the grid's extent, else 0
+
+    (linear interpolation, float32; nearest neighbour and uint8 for ``label``).  The grid's extent is its voxels
+    including their half-voxel borders (ITK's buffer test), so reference voxels outside the crop get 0.  When grid
+    and reference share spacing and direction (the :func:`model_grid` origin is snapped to reference voxels), every
+    grid voxel is a reference voxel and the mapping is exact there: ``resample_to_grid(out, grid) == values``.
+
+    Parameters
+    ----------
+    values:
+        Array (D, H, W) = the grid's (z, y, x) size.
+    geometry:
+        ``CachedPatient.geometry`` (:func:`grid_geometry`).
+    reference:
+        The pre-op T1c image (its geometry is used; it must agree with the stored reference geometry) or None to
+        use the stored reference geometry.
+    label:
+        Nearest neighbour for masks/labels.
+
+    Returns
+    -------
+    sitk.Image
+        On the reference's grid (same size, origin, spacing, direction).
+
+    Raises
+    ------
+    ValueError
+        ``values`` does not have the grid's shape, or ``reference`` differs from the stored reference geometry.
+    """
+    grid, stored_ref = grid_from_geometry(geometry)
+    shape = tuple(int(s) for s in grid.GetSize()[::-1])
+    arr = np.asarray(values)
+    if arr.shape != shape:
+        raise ValueError(f"resample_from_grid: values have shape {arr.shape}, the model grid is {shape} (D, H, W)")
+    if reference is None:
+        reference = stored_ref
+    elif (diff := same_geometry(reference, stored_ref)) is not None:
+        raise ValueError(f"resample_from_grid: the reference image differs from the geometry the cache was built "
+                         f"on: {diff}")
+    img = sitk.GetImageFromArray(arr.astype(np.uint8 if label else np.float32, copy=False))
+    img.CopyInformation(grid)
+    identity = sitk.Transform(3, sitk.sitkIdentity)
+    if label:
+        return sitk.Resample(img, reference, identity, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.Resample(img, reference, identity, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
