@@ -131,12 +131,15 @@ def atlas_brain_mask(
     return _to_image(mask, image)
 
 
-def brain_mask(image: sitk.Image, *, seed: int = 0) -> tuple[sitk.Image, str]:
-    """The brain mask of a T1c and the method used (``"stripped"`` or ``"atlas"``)."""
+def brain_mask(
+    image: sitk.Image, *, seed: int = 0, settings: LinearSettings = LinearSettings()
+) -> tuple[sitk.Image, str]:
+    """The brain mask of a T1c and the method used (``"stripped"`` or ``"atlas"``; ``settings``: the atlas
+    registration's)."""
     m = stripped_mask(image)
     if m is not None:
         return m, "stripped"
-    return atlas_brain_mask(image, seed=seed), "atlas"
+    return atlas_brain_mask(image, seed=seed, settings=settings), "atlas"
 
 
 def _otsu(values: np.ndarray, bins: int = 128) -> float:

@@ -35,7 +35,7 @@ import SimpleITK as sitk
 from .. import __version__
 from ..cache import CachedPatient, cache_path, save_cached_patient
 from ..contract import MODALITIES, OUTCOMES_CSV, REFERENCE_MODALITY
-from ..fsutil import atomic_write_json
+from ..fsutil import atomic_write_json, remove_stale_parts
 from ..presets import Preset, get_preset
 from .bias import n4_correct
 from .brain import brain_mask as extract_brain
@@ -71,6 +71,9 @@ class PipelineSettings:
     #: Within-scan rigid: levels no finer than ~4 mm (a rigid fit of two images of one session needs no more:
     #: 0.5 mm error at 4 mm on the ci cohort); the full-resolution level costs ~4x more at 2 mm.
     modality_linear: LinearSettings = LinearSettings()
+    #: Atlas brain extraction (skull-present scans): the 2 mm MNI template registered at 8 and 4 mm only; the
+    #: intensity refinement that follows fixes the boundary, so the 2 mm level (~3x the cost) is not needed.
+    brain_linear: LinearSettings = LinearSettings(shrink_factors=(4, 2), smoothing_sigmas_mm=(2.0, 1.0))
     bspline: BSplineSettings | None = BSplineSettings()
     n4_fit_spacing_mm: float = 8.0
     n4_iterations: tuple[int, ...] = (50, 50, 30)
@@ -86,8 +89,9 @@ class PipelineSettings:
         bspline = None if p.grid_spacing_mm >= 4 else BSplineSettings()
         k = max(1, int(round(4.0 / p.scan_spacing_mm)))
         modality = LinearSettings() if k == 1 else LinearSettings(shrink_factors=(2 * k, k), smoothing_sigmas_mm=(4.0, 2.0))
+        # Longitudinal rigid/affine: levels no finer than ~4 mm as well; the B-spline levels refine the alignment.
         return cls(preset=p.name, grid_spacing_mm=p.grid_spacing_mm, grid_shape=tuple(p.grid_shape), bspline=bspline,
-                   modality_linear=modality)
+                   modality_linear=modality, linear=modality)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,15 +135,38 @@ class PatientResult:
     cache_file: str | None = None
 
 
+#: The site report :func:`preprocess_site` writes into the cache folder (validation problems and per-patient results).
+REPORT_NAME = "preprocess_report.json"
+
+
 @dataclass
 class PreprocessReport:
-    """Outcome of a site."""
+    """Outcome of a site.
+
+    Attributes
+    ----------
+    site_name, out_dir, settings_hash:
+        The site, its cache folder and the settings hash of this run.
+    results:
+        One per patient that passed validation, in patient order (ok, skipped = done before, failed).
+    validation_problems:
+        Every validation problem, one line each (``path: reason``).
+    excluded:
+        Patients excluded by validation -> their problems (one line each).
+    site_problems:
+        Site-level validation errors (no patient concerned: folder empty, CSV unusable, ...).
+    dropped:
+        Usable patients -> the validation errors that dropped one of their scans (or a segmentation or mask).
+    """
 
     site_name: str
     out_dir: str
     settings_hash: str
     results: list[PatientResult]
     validation_problems: list[str] = field(default_factory=list)
+    excluded: dict[str, list[str]] = field(default_factory=dict)
+    site_problems: list[str] = field(default_factory=list)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[PatientResult]:
@@ -149,12 +176,29 @@ class PreprocessReport:
     def failed(self) -> list[PatientResult]:
         return [r for r in self.results if r.status == "failed"]
 
+    @property
+    def rejected(self) -> int:
+        """Patients not in the cache: excluded by validation plus failed in preprocessing."""
+        return len(self.excluded) + len(self.failed)
+
+    @property
+    def report_path(self) -> Path:
+        """The JSON report in the cache folder."""
+        return Path(self.out_dir) / REPORT_NAME
+
     def table(self) -> str:
-        """A plain-text table: patient, status, timepoints kept, excluded scans / error, seconds."""
+        """A plain-text table: patient, status, timepoints kept, excluded scans / error, seconds; then the patients
+        validation excluded (first reason) and the site-level validation errors."""
         rows = [f"{'patient':<24} {'status':<8} {'T':>2} {'sec':>7}  notes"]
         for r in self.results:
-            notes = r.error or "; ".join(f"{t}: {why}" for t, why in r.excluded_scans.items())
+            notes = r.error or "; ".join([*self.dropped.get(r.patient_id, []),
+                                          *(f"{t}: {why}" for t, why in r.excluded_scans.items())])
             rows.append(f"{r.patient_id:<24} {r.status:<8} {len(r.timepoints):>2} {r.seconds:>7.1f}  {notes}")
+        for pid, problems in sorted(self.excluded.items()):
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            first = problems[0] if problems else "excluded by validation"
+            rows.append(f"{pid:<24} {'excluded':<8} {0:>2} {0.0:>7.1f}  {first}{more}")
+        rows.extend(f"site: {p}" for p in self.site_problems)
         return "\n".join(rows)
 
 
@@ -207,7 +251,7 @@ def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: 
     t0 = time.perf_counter()
     t1c = raw[REFERENCE_MODALITY]
     try:
-        mask, method = extract_brain(t1c, seed=seed)
+        mask, method = extract_brain(t1c, seed=seed, settings=settings.brain_linear)
     except Exception as exc:
         raise PreprocessError(patient_id, "brain", str(exc), timepoint=tp, modality=REFERENCE_MODALITY,
                               path=scan.images[REFERENCE_MODALITY]) from exc
@@ -422,6 +466,17 @@ def _read_mask(path: Path, pid: str) -> sitk.Image:
         raise PreprocessError(pid, "read", str(exc), path=path) from exc
 
 
+def _skipped_result(out_dir: Path, patient_id: str) -> PatientResult:
+    """The result of a patient done by an earlier run (timepoints and excluded scans from its QC record)."""
+    try:
+        qc = json.loads(qc_path(out_dir, patient_id).read_text())
+    except (OSError, ValueError):
+        qc = {}
+    return PatientResult(patient_id, "skipped", timepoints=list(qc.get("timepoints") or []),
+                         excluded_scans=dict(qc.get("excluded_scans") or {}),
+                         cache_file=str(cache_path(out_dir, patient_id)))
+
+
 def _worker_init(threads: int) -> None:
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(max(1, threads))
 
@@ -443,18 +498,24 @@ def preprocess_site(
 ) -> PreprocessReport:
     """Validate a site (``strpnet_core.site.validate_site``) and preprocess every usable patient into ``out_dir``.
 
-    Patients already done with the same settings hash are skipped (resume).  ``workers`` > 1 runs one patient per
+    Patients already done with the same settings hash are skipped (resume); failed ones are tried again, and
+    temporary files a killed earlier run left are removed (``fsutil.remove_stale_parts``; every file is written
+    atomically, so a kill never leaves a partial file under a final name).  ``workers`` > 1 runs one patient per
     process (bounded memory); each process uses ``threads`` SimpleITK threads (default: cores // workers).
     Results come back in patient order whatever the completion order; the output does not depend on ``workers``.
+    A defective case never stops the site: its reason (naming the file) is in the report, which is also written to
+    ``out_dir/preprocess_report.json`` (:data:`REPORT_NAME`).
     """
     from tqdm import tqdm
 
-    from ..site import validate_site
+    from ..site import ERROR, validate_site
 
     settings = preset if isinstance(preset, PipelineSettings) else PipelineSettings.from_preset(preset)
     shash = settings.hash(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_parts(out):  # temporary files of a killed earlier run
+        log.info("removed %s (left by a killed writer)", stale)
     # Outcomes are required (and scans after the recurrence dropped by the validator) when the site has them;
     # an inference site without outcomes.csv is preprocessed too.  Voxels are checked when each image is read.
     has_outcomes = (Path(site_dir) / OUTCOMES_CSV).exists()
@@ -466,8 +527,7 @@ def preprocess_site(
     todo = []
     for rec in index.patients:
         if is_done(out, rec.patient_id, shash):
-            results[rec.patient_id] = PatientResult(rec.patient_id, "skipped", timepoints=[],
-                                                    cache_file=str(cache_path(out, rec.patient_id)))
+            results[rec.patient_id] = _skipped_result(out, rec.patient_id)
         else:
             todo.append(rec)
     bar = tqdm(total=len(index.patients), initial=len(results), desc=f"preprocess {index.site_name}",
@@ -497,10 +557,17 @@ def preprocess_site(
                 bar.update(1)
     bar.close()
     ordered = [results[rec.patient_id] for rec in index.patients]
-    report = PreprocessReport(index.site_name, str(out), shash, ordered, problems)
-    atomic_write_json(out / "preprocess_report.json", {
-        "site_name": report.site_name, "settings_hash": shash, "preset": settings.preset, "seed": seed,
-        "results": [dataclasses.asdict(r) for r in ordered], "validation_problems": problems,
+    excluded = {pid: [str(p) for p in probs] for pid, probs in index.excluded.items()}
+    site_problems = [str(p) for p in index.problems if p.patient_id is None and p.level == ERROR]
+    dropped = {rec.patient_id: [str(p) for p in index.patient_problems(rec.patient_id) if p.level == ERROR]
+               for rec in index.patients}
+    report = PreprocessReport(index.site_name, str(out), shash, ordered, problems, excluded, site_problems,
+                              {pid: v for pid, v in dropped.items() if v})
+    atomic_write_json(report.report_path, {
+        "site_name": report.site_name, "site_dir": str(site_dir), "settings_hash": shash, "preset": settings.preset,
+        "seed": seed, "results": [dataclasses.asdict(r) for r in ordered], "excluded": excluded,
+        "dropped": report.dropped, "site_problems": site_problems, "validation_problems": problems,
+        "summary": {"ok": len(report.ok), "failed": len(report.failed), "excluded": len(excluded)},
     })
     return report
 
