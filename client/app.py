@@ -21,11 +21,10 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from strpnet_core.federation import FederationConfig, load_site_dataset, local_evaluate, local_train, site_splits
+from strpnet_core.federation import FederationConfig, local_evaluate, local_train
 
 from .audit import (
     METRICS_RECORD,
-    labelled_in_split,
     min_eval_patients,
     privacy_audit_mod,
     suppress_small_evaluation,
@@ -72,7 +71,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = ready_site(context.node_config, cfg)
     metrics = local_evaluate(msg.content["arrays"].to_torch_state_dict(), site.cache_dir, cfg, site_name=site.site_name,
                              server_round=_global_round(msg))
-    _, split = site_splits(load_site_dataset(site.cache_dir), cfg, site.site_name)
-    metrics = suppress_small_evaluation(metrics, min_eval_patients(context.node_config),
-                                        n_labelled=labelled_in_split(split), site_name=site.site_name)
+    metrics = suppress_small_evaluation(metrics, min_eval_patients(context.node_config), site_name=site.site_name)
     return Message(content=RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)

@@ -276,28 +276,13 @@ def min_eval_patients(node_config: Mapping[str, Any]) -> int:
     return value
 
 
-def labelled_in_split(split: Any) -> int:
-    """Number of patients of an evaluation split (``site_splits``' second item) that have a recurrence mask.
-
-    Reads only the directory of each cache file (``np.load(...).files``), not the volumes.
-    """
-    import numpy as np
-    from torch.utils.data import Subset
-
-    dataset, indices = (split.dataset, list(split.indices)) if isinstance(split, Subset) else (split, range(len(split)))
-    n = 0
-    for i in indices:
-        with np.load(dataset.files[i], allow_pickle=False) as npz:
-            n += "recurrence" in npz.files
-    return n
-
-
 def suppress_small_evaluation(
-    metrics: Mapping[str, float | int], min_patients: int, *, n_labelled: int | None = None, site_name: str = ""
+    metrics: Mapping[str, float | int], min_patients: int, *, site_name: str = ""
 ) -> dict[str, float | int]:
     """Zero the evaluation counts that a split too small would let a reader attribute to one patient.
 
-    With ``k = min_patients``, ``n = n_patients`` and ``m = n_labelled`` (patients with a recurrence mask):
+    With ``k = min_patients``, ``n = n_patients`` and ``m = n_labelled`` (patients with a recurrence mask), both
+    read from ``metrics``:
 
     - ``0 < n < k``: every key of :data:`strpnet_core.federation.EVAL_COUNT_KEYS` and ``num-examples`` becomes 0
       (same types), so the site contributes nothing to the pooled metrics (at ``n = 1``, ``n_events``, ``loss_sum``
@@ -313,8 +298,6 @@ def suppress_small_evaluation(
         The evaluation reply content (``local_evaluate``).
     min_patients:
         ``k``; 1 disables the rule.
-    n_labelled:
-        ``m``; None skips the second rule.
     site_name:
         For the warning.
 
@@ -328,7 +311,7 @@ def suppress_small_evaluation(
     if 0 < n < min_patients:
         keys: tuple[str, ...] = (*EVAL_COUNT_KEYS, NUM_EXAMPLES_KEY)
         what = f"the evaluation split has {n} patient(s)"
-    elif n_labelled is not None and 0 < n_labelled < min_patients:
+    elif 0 < (n_labelled := int(out.get("n_labelled", 0))) < min_patients:
         keys = EVAL_LABELLED_KEYS
         what = f"{n_labelled} evaluation patient(s) have a recurrence mask"
     else:
@@ -348,7 +331,6 @@ __all__ = [
     "audit_log_path",
     "describe_reply",
     "inspect_reply",
-    "labelled_in_split",
     "min_eval_patients",
     "privacy_audit_mod",
     "suppress_small_evaluation",

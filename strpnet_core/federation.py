@@ -62,6 +62,7 @@ EVAL_COUNT_KEYS: tuple[str, ...] = (
     "loss_sum",
     "n_patients",
     "n_events",
+    "n_labelled",
 )
 #: Risk-reference histogram of a site's training patients' risk scores (``strpnet_core.risk_reference``), sent with
 #: the evaluation counts and summed by the server: :data:`RISK_HIST_BINS` equal bins over
@@ -95,7 +96,7 @@ LIST_REPLY_KEYS: tuple[str, ...] = ()
 MIN_EVAL_PATIENTS = 2
 #: Evaluation sums over the *labelled* patients only (those with a recurrence mask): zeroed when fewer than
 #: :data:`MIN_EVAL_PATIENTS` held-out patients are labelled (one labelled patient's sums are its loss and mask sizes).
-EVAL_LABELLED_KEYS: tuple[str, ...] = ("dice_intersection", "dice_denominator", "loss_sum")
+EVAL_LABELLED_KEYS: tuple[str, ...] = ("dice_intersection", "dice_denominator", "loss_sum", "n_labelled")
 #: Marker written into a site's cache folder once it is complete.
 READY_MARKER = ".strpnet-ready.json"
 #: Lock file guarding the first use of a site's cache.
@@ -786,14 +787,14 @@ def pool_eval_counts(replies: Sequence[Mapping[str, float | int]],
 def derived_eval_metrics(counts: Mapping[str, float]) -> dict[str, float]:
     """C-index (``metrics.ConcordanceCounts``; NaN without comparable pair), pooled Dice
     (``metrics.dice_from_counts``; NaN when no labelled patient was counted: a recurrence mask is never empty, so
-    ``dice_denominator = 0`` means "no data", e.g. every site below its small-count rule) and mean loss (NaN without
-    patient) from (pooled) counts."""
+    ``dice_denominator = 0`` means "no data", e.g. every site below its small-count rule) and the mean segmentation
+    loss ``loss_sum / n_labelled`` (NaN without labelled patient) from (pooled) counts."""
     from .metrics import ConcordanceCounts, dice_from_counts
 
     c_index = ConcordanceCounts.from_dict(counts).c_index
     dice = (dice_from_counts(counts["dice_intersection"], counts["dice_denominator"])
             if counts["dice_denominator"] > 0 else math.nan)
-    loss = counts["loss_sum"] / counts["n_patients"] if counts["n_patients"] > 0 else math.nan
+    loss = counts["loss_sum"] / counts["n_labelled"] if counts["n_labelled"] > 0 else math.nan
     return {"c-index": float(c_index), "dice": float(dice), "loss": float(loss)}
 
 

@@ -56,7 +56,7 @@ __all__ = [
 #: Keys of :meth:`EvalAggregates.to_metrics`, in this order (what a site sends after evaluation).
 EVAL_METRIC_KEYS: tuple[str, ...] = (
     "concordant", "discordant", "tied_risk", "comparable",
-    "dice_intersection", "dice_denominator", "loss_sum", "n_patients", "n_events",
+    "dice_intersection", "dice_denominator", "loss_sum", "n_patients", "n_events", "n_labelled",
 )
 #: Format tag of a model file (shared with the server's ``final_model.pt``).
 MODEL_FILE_FORMAT = "strpnet-fed-model/1"
@@ -211,8 +211,9 @@ class EvalAggregates:
     loss_sum:
         ``sum_i w_dice Dice_i + w_bce BCE_i`` over labelled patients (per-patient segmentation loss; the Cox term is a
         property of a whole risk set, not of a patient, and is assessed through the concordance counts).
-    n_patients, n_events:
-        Evaluated patients, and those with an observed recurrence.
+    n_patients, n_events, n_labelled:
+        Evaluated patients, those with an observed recurrence, and those with a recurrence mask (the patients
+        ``loss_sum`` and the Dice sums run over).
 
     Sums of aggregates (``+``) pool sets: Dice sums, loss and counts are exactly those of the union; concordance
     counts are those of the within-set pairs (the federated C-index: pairs across sites are never formed).
@@ -227,6 +228,7 @@ class EvalAggregates:
     loss_sum: float = 0.0
     n_patients: int = 0
     n_events: int = 0
+    n_labelled: int = 0
 
     def __add__(self, other: EvalAggregates) -> EvalAggregates:
         if not isinstance(other, EvalAggregates):
@@ -250,8 +252,8 @@ class EvalAggregates:
 
     @property
     def mean_loss(self) -> float:
-        """``loss_sum / n_patients`` (nan without patient)."""
-        return self.loss_sum / self.n_patients if self.n_patients else math.nan
+        """``loss_sum / n_labelled``: the mean segmentation loss of the labelled patients (nan without one)."""
+        return self.loss_sum / self.n_labelled if self.n_labelled else math.nan
 
     def to_metrics(self) -> dict[str, int | float]:
         """The fixed-key mapping a site sends (:data:`EVAL_METRIC_KEYS`; ints, ``loss_sum`` float)."""
@@ -591,7 +593,7 @@ def evaluate_model(
     risks: list[np.ndarray] = []
     times: list[np.ndarray] = []
     events: list[np.ndarray] = []
-    inter = denom = 0
+    inter = denom = labelled = 0
     loss_sum = 0.0
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
@@ -608,6 +610,7 @@ def evaluate_model(
                 a, d = dice_counts(pred[i].cpu().numpy(), (ti[0] > 0.5).cpu().numpy())
                 inter += a
                 denom += d
+                labelled += 1
             risks.append(risk.cpu().double().numpy())
             times.append(b["time"].cpu().double().numpy())
             events.append(b["event"].cpu().double().numpy())
@@ -616,7 +619,7 @@ def evaluate_model(
     return EvalAggregates(
         concordant=cc.concordant, discordant=cc.discordant, tied_risk=cc.tied_risk, comparable=cc.comparable,
         dice_intersection=int(inter), dice_denominator=int(denom), loss_sum=float(loss_sum),
-        n_patients=int(r.shape[0]), n_events=int((e > 0).sum()),
+        n_patients=int(r.shape[0]), n_events=int((e > 0).sum()), n_labelled=labelled,
     )
 
 

@@ -157,12 +157,12 @@ def test_evaluate_aggregates_add_up_over_halves() -> None:
 def test_eval_metrics_keys_are_fixed_and_round_trip() -> None:
     from strpnet_core.federation import EVAL_COUNT_KEYS
 
-    agg = EvalAggregates(3, 1, 1, 5, 7, 20, 2.5, 4, 2)
+    agg = EvalAggregates(3, 1, 1, 5, 7, 20, 2.5, 4, 2, 2)
     m = agg.to_metrics()
     assert tuple(m) == EVAL_METRIC_KEYS == EVAL_COUNT_KEYS
     assert all(isinstance(v, int) for k, v in m.items() if k != "loss_sum")
     assert EvalAggregates.from_metrics({**m, "num-examples": 4}) == agg
-    assert agg.c_index == pytest.approx(3.5 / 5) and agg.dice == pytest.approx(0.7) and agg.mean_loss == 0.625
+    assert agg.c_index == pytest.approx(3.5 / 5) and agg.dice == pytest.approx(0.7) and agg.mean_loss == 1.25
     assert (agg + EvalAggregates()) == agg
     with pytest.raises(ValueError, match="comparable"):
         EvalAggregates.from_metrics({k: v for k, v in m.items() if k != "comparable"})

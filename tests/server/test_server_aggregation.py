@@ -45,7 +45,8 @@ def _eval_reply(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> dict[s
     inter = int(rng.integers(0, 50))
     return {"concordant": c, "discordant": d, "tied_risk": t, "comparable": p, "dice_intersection": inter,
             "dice_denominator": 2 * inter + int(rng.integers(0, 50)), "loss_sum": float(rng.random() * len(risk)),
-            "n_patients": len(risk), "n_events": int(event.sum()), "num-examples": len(risk)}
+            "n_patients": len(risk), "n_events": int(event.sum()), "n_labelled": int(event.sum()),
+            "num-examples": len(risk)}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
