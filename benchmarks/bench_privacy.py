@@ -2,7 +2,7 @@
 few noise multipliers (prints a table; never asserts).
 
 Sites are tiny ci-preset caches written directly with a learnable signal (a bright blob whose intensity drives the
-time to recurrence, the recipe of tests/server/conftest.py), so the C-index means something; the same seed, cohort
+time to recurrence: tests/sim_fixtures.make_site_caches), so the C-index means something; the same seed, cohort
 and model for every row. The noise standard deviation added to the averaged weights is z * C / m (z = noise
 multiplier, C = clipping norm, m = accepted replies of the round).
 
@@ -19,38 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from strpnet_core.cache import CachedPatient, cache_path, save_cached_patient  # noqa: E402
+from sim_fixtures import make_site_caches  # noqa: E402  (tests/sim_fixtures.py: the learnable site caches)
 from strpnet_core.commands.simulate import simulate  # noqa: E402
 
 TINY = {"val-fraction": 0.3, "local-epochs": 2, "lr": 0.003, "num-threads": 1, "model.widths": "4,8",
         "model.lstm-hidden": 8, "model.risk-hidden": 8}
-
-
-def write_learnable_caches(root: Path, sites: int, patients: int, size: int = 16, seed: int = 0) -> Path:
-    """``root/site-0k/*.npz``: T=2, 4 modalities, size^3; blob intensity -> time to event (learnable risk)."""
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.mgrid[:size, :size, :size]
-    for s in range(sites):
-        site = f"site-{s + 1:02d}"
-        for i in range(patients):
-            c = rng.integers(size // 4, 3 * size // 4, 3)
-            blob = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= (size / 6) ** 2
-            strength = float(rng.uniform(0.5, 2.5))
-            images = rng.normal(0, 0.3, (2, 4, size, size, size)).astype(np.float32)
-            images[:, 1][:, blob] += strength
-            event = int(rng.random() < 0.7)
-            p = CachedPatient(patient_id=f"S{s + 1:02d}-{i:03d}", site=site, images=images,
-                              days=np.array([0.0, 60.0 + i], dtype=np.float32), timepoints=["000", "001"],
-                              brain_mask=np.ones((size,) * 3, dtype=np.uint8),
-                              recurrence=blob.astype(np.uint8) if event else None, event=event,
-                              time=float(np.clip(900 / strength + rng.normal(0, 40), 30, 1500)),
-                              meta={"preset": "ci"})
-            save_cached_patient(cache_path(root / site, p.patient_id), p)
-    return root
 
 
 def main() -> int:
@@ -66,7 +42,7 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-privacy-") as tmp:
-        caches = write_learnable_caches(Path(tmp) / "caches", args.sites, args.patients, seed=args.seed)
+        caches = make_site_caches(Path(tmp) / "caches", sites=args.sites, patients=args.patients, seed=args.seed)
         settings = [("off", 0.0)] + [("server-fixed", float(z)) for z in args.multipliers.split(",")]
         for mode, z in settings:
             run_dir = Path(tmp) / f"run-{mode}-{z}"

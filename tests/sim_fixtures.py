@@ -3,6 +3,7 @@
 - :func:`make_site_caches`: site caches written directly (no synth/preprocessing): tiny random volumes with a
   learnable signal.
 - :data:`TINY_RUN_CONFIG`: run-config overrides of a tiny ST-RPNet for simulations.
+- :func:`assert_same_final_model`: two run directories hold bit-identical final weights (resume tests).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from strpnet_core.cache import CachedPatient, cache_path, save_cached_patient
 
@@ -53,3 +55,12 @@ def make_site_caches(root: Path, *, sites: int = 3, patients: int = 6, size: int
             )
             save_cached_patient(cache_path(root / site, patient.patient_id), patient)
     return root
+
+
+def assert_same_final_model(expected_run: Path, run: Path) -> None:
+    """Assert that ``run/final_model.pt`` holds exactly the weights (names, order, bits) of ``expected_run``'s."""
+    a = torch.load(expected_run / "final_model.pt", weights_only=True)["state_dict"]
+    b = torch.load(run / "final_model.pt", weights_only=True)["state_dict"]
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between {expected_run} and {run}"

@@ -1,7 +1,9 @@
-"""Helpers of the deployment test: site caches written directly (the recipe of tests/server/conftest.py)."""
+"""Helpers of the deployment tests: site caches written directly, and the programs they start (logged, own session)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,3 +26,20 @@ def write_site_cache(site_dir: Path, site: str, *, patients: int = 5, size: int 
                           event=event, time=float(800 - 100 * i), meta={"preset": "ci"})
         save_cached_patient(cache_path(site_dir, p.patient_id), p)
     return site_dir
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def console_command(script: str, module: str) -> list[str]:
+    """The installed console script ``script`` next to this Python, else ``python -m module``."""
+    exe = Path(sys.executable).parent / script
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
+
+
+def start_logged(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in the repository, in its own session (stopped by its process group); output appended to
+    ``log``."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=REPO, start_new_session=True)

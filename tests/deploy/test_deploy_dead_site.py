@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,22 +20,13 @@ import pytest
 from client.supernode import supernode_command
 from strpnet_core.federation import flower_env, free_port, stop_process
 
-from deploy_helpers import write_site_cache  # tests/deploy/deploy_helpers.py
+from deploy_helpers import REPO, console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 SITES = ("a", "b", "c", "d")
 VICTIM = "d"
-
-
-def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    fh = open(log, "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            cwd=REPO, start_new_session=True)
-    fh.close()
-    return proc
 
 
 def _wait_for(text: str, log: Path, server: subprocess.Popen[bytes], deadline: float) -> None:
@@ -49,14 +39,13 @@ def _wait_for(text: str, log: Path, server: subprocess.Popen[bytes], deadline: f
 def _site(tmp_path: Path, port: int, name: str, cache: Path) -> subprocess.Popen[bytes]:
     args = argparse.Namespace(superlink=f"127.0.0.1:{port}", insecure=True, ca=None, key=None, max_wait=None)
     cmd = supernode_command(args, site_name=name, data_dir=None, cache_dir=cache, port=free_port())
-    return _start(cmd, tmp_path / f"{name}.log", flower_env(tmp_path / f"home-{name}"))
+    return start_logged(cmd, tmp_path / f"{name}.log", flower_env(tmp_path / f"home-{name}"))
 
 
 def test_a_killed_site_does_not_stop_the_run(tmp_path: Path) -> None:
     caches = {s: write_site_cache(tmp_path / "cache" / s, s, seed=i) for i, s in enumerate(SITES)}
     port = free_port()
-    exe = Path(sys.executable).parent / "flower-server"
-    server_cmd = ([str(exe)] if exe.is_file() else [sys.executable, "-m", "server.coordinator"]) + [
+    server_cmd = console_command("flower-server", "server.coordinator") + [
         "--insecure", "--no-auth", "--host", "127.0.0.1", "--port", str(port),
         "--state-dir", str(tmp_path / "coordinator"), "--run-dir", str(tmp_path / "run"), "--rounds", str(ROUNDS),
         "--min-sites", "4", "--timeout", "860", "--app-dir", str(REPO),
@@ -70,7 +59,7 @@ def test_a_killed_site_does_not_stop_the_run(tmp_path: Path) -> None:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     deadline = time.monotonic() + 900  # a bound only: ~3 min on a quiet 2-core machine, ~8 min under heavy load
     try:
-        procs["server"] = _start(server_cmd, server_log, flower_env(tmp_path / "flwr-home-test"))
+        procs["server"] = start_logged(server_cmd, server_log, flower_env(tmp_path / "flwr-home-test"))
         _wait_for("submitting the run", server_log, procs["server"], time.monotonic() + 90)
         for s in SITES:
             procs[s] = _site(tmp_path, port, s, caches[s])

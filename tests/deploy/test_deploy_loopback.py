@@ -8,7 +8,6 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,24 +16,10 @@ import pytest
 
 from strpnet_core.federation import flower_env, free_port, stop_process
 
-from deploy_helpers import write_site_cache  # tests/deploy/deploy_helpers.py
+from deploy_helpers import REPO, console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _command(script: str, module: str) -> list[str]:
-    exe = Path(sys.executable).parent / script
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
-
-
-def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            cwd=REPO, start_new_session=True)
-    fh.close()
-    return proc
 
 
 def test_tls_authenticated_deployment(tmp_path: Path) -> None:
@@ -45,17 +30,17 @@ def test_tls_authenticated_deployment(tmp_path: Path) -> None:
     intruder_cache = write_site_cache(tmp_path / "cache" / "intruder", "intruder", seed=9)
     port = free_port()
     env = flower_env(tmp_path / "flwr-home-test")
-    server_cmd = _command("flower-server", "server.coordinator") + [
+    server_cmd = console_command("flower-server", "server.coordinator") + [
         "--certs", str(certs), "--site-key", str(certs / "sites/a/a.pub"), "--site-key", str(certs / "sites/b/b.pub"),
         "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "coordinator"),
         "--run-dir", str(tmp_path / "run"), "--rounds", "2", "--timeout", "240",
         "-c", "preset=ci", "-c", "val-fraction=0.4", "-c", "local-epochs=1", "-c", "num-threads=1",
         "-c", 'model.widths="4,8" model.lstm-hidden=8 model.risk-hidden=8', "--app-dir", str(REPO),
     ]
-    client = _command("flower-client", "client.supernode")
+    client = console_command("flower-client", "client.supernode")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        procs["server"] = _start(server_cmd, tmp_path / "server.log", env)
+        procs["server"] = start_logged(server_cmd, tmp_path / "server.log", env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait for the TLS endpoint
             try:
@@ -73,16 +58,17 @@ def test_tls_authenticated_deployment(tmp_path: Path) -> None:
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=3)
         for s in ("a", "b"):
-            procs[s] = _start(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(caches[s]),
+            procs[s] = start_logged(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(caches[s]),
                                         "--site-name", s, "--ca", str(certs / "ca.crt"),
                                         "--key", str(certs / f"sites/{s}/{s}.key"), "--preset", "ci"],
                               tmp_path / f"{s}.log", env)
-        procs["intruder"] = _start(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(intruder_cache),
+        procs["intruder"] = start_logged(client + ["--superlink", f"127.0.0.1:{port}",
+                                                   "--cache-dir", str(intruder_cache),
                                              "--site-name", "intruder", "--ca", str(certs / "ca.crt"),
                                              "--key", str(certs / "sites/intruder/intruder.key"), "--preset", "ci",
                                              "--max-wait", "20", "--retry-seconds", "0"],
                                    tmp_path / "intruder.log", env)
-        procs["plain"] = _start(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(intruder_cache),
+        procs["plain"] = start_logged(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(intruder_cache),
                                           "--site-name", "plain", "--insecure", "--preset", "ci", "--max-wait", "20",
                                           "--retry-seconds", "0"],
                                 tmp_path / "plain.log", env)

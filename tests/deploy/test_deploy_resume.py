@@ -15,35 +15,23 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from server.checkpoint import load_checkpoint
 from strpnet_core.commands.simulate import simulate
 from strpnet_core.federation import flower_env, free_port, stop_process
 from strpnet_core.reaper import flower_processes, process_environ
 
-from deploy_helpers import write_site_cache  # tests/deploy/deploy_helpers.py
+from deploy_helpers import REPO, console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py
+from sim_fixtures import assert_same_final_model
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
-REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 SEED = 3
 RUN_CONFIG: dict[str, object] = {"preset": "ci", "seed": SEED, "val-fraction": 0.4, "local-epochs": 1,
                                  "num-threads": 1, "model.widths": "4,8", "model.lstm-hidden": 8,
                                  "model.risk-hidden": 8}
-
-
-def _command(script: str, module: str) -> list[str]:
-    exe = Path(sys.executable).parent / script
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
-
-
-def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=REPO, start_new_session=True)
 
 
 def _round(run_dir: Path) -> int:
@@ -59,20 +47,20 @@ def test_killed_coordinator_resumes_with_the_same_sites(tmp_path: Path) -> None:
     port = free_port()
     state, run_dir = tmp_path / "coordinator", tmp_path / "run"
     env = flower_env(tmp_path / "flwr-home-test")
-    server_cmd = _command("flower-server", "server.coordinator") + [
+    server_cmd = console_command("flower-server", "server.coordinator") + [
         "--certs", str(certs), "--site-key", str(certs / "sites/a/a.pub"), "--site-key", str(certs / "sites/b/b.pub"),
         "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state), "--run-dir", str(run_dir),
         "--rounds", str(ROUNDS), "--timeout", "900", "--app-dir", str(REPO),
     ]
     for key, value in RUN_CONFIG.items():
         server_cmd += ["-c", f"{key}={json.dumps(value)}"]
-    client = _command("flower-client", "client.supernode")
+    client = console_command("flower-client", "client.supernode")
     server_log = tmp_path / "server.log"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        procs["server"] = _start(server_cmd, server_log, env)
+        procs["server"] = start_logged(server_cmd, server_log, env)
         for s in ("a", "b"):
-            procs[s] = _start(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(caches[s]),
+            procs[s] = start_logged(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(caches[s]),
                                         "--site-name", s, "--ca", str(certs / "ca.crt"),
                                         "--key", str(certs / f"sites/{s}/{s}.key"), "--preset", "ci"],
                               tmp_path / f"{s}.log", env)
@@ -103,7 +91,7 @@ def test_killed_coordinator_resumes_with_the_same_sites(tmp_path: Path) -> None:
         killed_at = _round(run_dir)
         assert 1 <= killed_at < ROUNDS, f"the kill came after round {killed_at}: nothing left to resume"
 
-        procs["server"] = _start(server_cmd + ["--resume"], server_log, env)
+        procs["server"] = start_logged(server_cmd + ["--resume"], server_log, env)
         rc = procs["server"].wait(timeout=900)
         resumed_s = time.monotonic() - t_kill
         text = server_log.read_text(errors="replace")
@@ -129,8 +117,4 @@ def test_killed_coordinator_resumes_with_the_same_sites(tmp_path: Path) -> None:
     overrides = {k: v for k, v in RUN_CONFIG.items() if k not in ("preset", "seed")}
     simulate(reference, data=None, cache=tmp_path / "cache", sites=2, rounds=ROUNDS, preset="ci", seed=SEED,
              overrides=overrides, timeout_s=300, progress=False)
-    a = torch.load(reference / "final_model.pt", weights_only=True)["state_dict"]
-    b = torch.load(run_dir / "final_model.pt", weights_only=True)["state_dict"]
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs between the uninterrupted run and the killed + resumed one"
+    assert_same_final_model(reference, run_dir)

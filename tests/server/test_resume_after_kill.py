@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from server.checkpoint import load_checkpoint
 from strpnet_core.commands.simulate import simulate
 from strpnet_core.reaper import flower_processes, process_environ
+from sim_fixtures import assert_same_final_model
 
 pytestmark = pytest.mark.integration
 
@@ -115,11 +115,7 @@ def test_killed_simulation_resumes_to_identical_weights(site_caches: Path, tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_round"] == killed_at and summary["rounds_completed"] == ROUNDS
 
-    a = torch.load(reference / "final_model.pt", weights_only=True)["state_dict"]
-    b = torch.load(run_dir / "final_model.pt", weights_only=True)["state_dict"]
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs between the uninterrupted and the killed + resumed run"
+    assert_same_final_model(reference, run_dir)
     rows_a = json.loads((reference / "metrics.json").read_text())
     rows_b = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in rows_b] == list(range(1, ROUNDS + 1))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from strpnet_core.commands.simulate import simulate
-from sim_fixtures import TINY_RUN_CONFIG
+from sim_fixtures import TINY_RUN_CONFIG, assert_same_final_model
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +49,7 @@ def test_resume_reaches_the_same_final_weights(full_run: Path, site_caches: Path
     assert json.loads((tmp_path / "summary.json").read_text())["rounds_completed"] == 1
     summary = _run(tmp_path, site_caches, rounds=2, resume=True)
     assert summary["resumed_from_round"] == 1 and summary["rounds_completed"] == 2
-    a = torch.load(full_run / "final_model.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "final_model.pt", weights_only=True)["state_dict"]
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_same_final_model(full_run, tmp_path)
     rows_a = json.loads((full_run / "metrics.json").read_text())
     rows_b = json.loads((tmp_path / "metrics.json").read_text())
     for ra, rb in zip(rows_a, rows_b, strict=True):
