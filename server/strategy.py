@@ -227,26 +227,28 @@ class STRPNetStrategyMixin:
         """FedAvg's ``configure_train`` with the bounded sampling; remembers the global model for the checks."""
         self.current_arrays = arrays
         self._reference = array_signature(arrays)
-        if self.fraction_train == 0.0:  # type: ignore[attr-defined]
-            self._sampled["train"] = []
-            return []
-        nodes = self.sample_nodes_bounded(grid, server_round=server_round, fraction=self.fraction_train,  # type: ignore[attr-defined]
-                                          min_nodes=self.min_train_nodes, step="train")  # type: ignore[attr-defined]
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
-        return self._construct_messages(record, nodes, MessageType.TRAIN)  # type: ignore[attr-defined]
+        return self._configure("train", server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """FedAvg's ``configure_evaluate`` with the bounded sampling."""
-        if self.fraction_evaluate == 0.0:  # type: ignore[attr-defined]
-            self._sampled["evaluate"] = []
+        return self._configure("evaluate", server_round, arrays, config, grid)
+
+    def _configure(self, step: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                   grid: Grid) -> Iterable[Message]:
+        """The messages of one step (``"train"`` or ``"evaluate"``) to the nodes of the bounded sampling."""
+        train = step == "train"
+        fraction = self.fraction_train if train else self.fraction_evaluate  # type: ignore[attr-defined]
+        if fraction == 0.0:
+            self._sampled[step] = []
             return []
-        nodes = self.sample_nodes_bounded(grid, server_round=server_round, fraction=self.fraction_evaluate,  # type: ignore[attr-defined]
-                                          min_nodes=self.min_evaluate_nodes, step="evaluate")  # type: ignore[attr-defined]
+        nodes = self.sample_nodes_bounded(grid, server_round=server_round, fraction=fraction, step=step,
+                                          min_nodes=self.min_train_nodes if train  # type: ignore[attr-defined]
+                                          else self.min_evaluate_nodes)  # type: ignore[attr-defined]
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)  # type: ignore[attr-defined]
+        return self._construct_messages(record, nodes,  # type: ignore[attr-defined]
+                                        MessageType.TRAIN if train else MessageType.EVALUATE)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Reply screening
