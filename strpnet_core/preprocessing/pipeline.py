@@ -373,7 +373,7 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
         try:
             res = register_longitudinal(fixed, moving, fixed_mask=fixed_mask, rigid=settings.linear,
                                         affine=settings.linear, bspline=settings.bspline, seed=seed)
-            final = evaluate_metric(fixed, moving, res.transform, fixed_mask=fixed_mask)
+            final = res.evaluated
             warped_mask = sitk.GetArrayFromImage(resample_mask_like(work.mask, fixed, res.transform))
             overlap = dice(warped_mask, fixed_mask_arr)
         except (RegistrationError, RuntimeError) as exc:

@@ -71,6 +71,9 @@ class RegistrationResult:
     stop: str
     seconds: float
     stages: dict[str, dict[str, float | str]] = field(default_factory=dict)
+    #: :func:`evaluate_metric` of ``transform`` (comparable across transforms and scans); set by
+    #: :func:`register_longitudinal`, NaN elsewhere.
+    evaluated: float = float("nan")
 
 
 def _physical_min_shrink(img: sitk.Image, shrinks: tuple[int, ...], min_size: int = 8) -> list[int]:
@@ -327,7 +330,8 @@ def register_longitudinal(
     """Rigid -> affine -> B-spline (each optional after rigid) registration of a follow-up T1c (moving) to the
     pre-op T1c (fixed).  The B-spline result is kept only when it lowers :func:`evaluate_metric` (a common
     seeded sample); otherwise the linear transform is returned.  The metric reported is the optimiser's value of
-    the last kept stage; per-stage values are in ``stages``."""
+    the last kept stage; per-stage values are in ``stages``; ``evaluated`` is :func:`evaluate_metric` of the returned
+    transform."""
     t0 = time.perf_counter()
     res = register_rigid(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, settings=rigid, seed=seed)
     stages = dict(res.stages)
@@ -348,7 +352,10 @@ def register_longitudinal(
         stages.update(r.stages)
         if after < before:
             tx, metric, stop = r.transform, r.metric, r.stop
-    return RegistrationResult(tx, metric, stop, time.perf_counter() - t0, stages)
+        evaluated = min(before, after)
+    else:
+        evaluated = evaluate_metric(fixed, moving, tx, fixed_mask=fixed_mask)
+    return RegistrationResult(tx, metric, stop, time.perf_counter() - t0, stages, evaluated)
 
 
 def compose(*transforms: sitk.Transform) -> sitk.CompositeTransform:
