@@ -38,6 +38,8 @@ __all__ = [
 #: Instance norm with a learned affine per channel (per-sample statistics: batch composition never matters).
 _NORM: tuple[str, dict[str, Any]] = ("instance", {"affine": True})
 _ACT: tuple[str, dict[str, Any]] = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+#: Initial voxel probability of recurrence (the decoder's output bias): recurrences are ~0.1-2 % of the brain.
+RECURRENCE_PRIOR: float = 0.01
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -308,6 +310,9 @@ class CNN3DDecoder(nn.Module):
             raise ValueError(f"CNN3DDecoder: need >= 2 widths, got {widths}")
         self.ups = nn.ModuleList(_UpLevel(widths[i + 1], widths[i]) for i in reversed(range(len(widths) - 1)))
         self.head = UnetOutBlock(3, widths[0], out_channels)
+        # Rare-class prior (Lin et al. 2017, "Focal loss"): start at P(recurrence) = RECURRENCE_PRIOR everywhere
+        # instead of 0.5, so the first steps learn where recurrence is rather than that most voxels are negative.
+        nn.init.constant_(self.head.conv.conv.bias, math.log(RECURRENCE_PRIOR / (1.0 - RECURRENCE_PRIOR)))
 
     def forward(self, bottleneck: Tensor, skips: Sequence[Tensor]) -> Tensor:
         """Decode ``bottleneck`` with ``skips`` (full resolution first, the bottleneck level excluded)."""
@@ -318,23 +323,33 @@ class CNN3DDecoder(nn.Module):
 
 
 class _RiskHead(nn.Module):
-    """``risk = MLP([avgpool(h), maxpool(h), (log1p elapsed)])``, computed in float32 even under autocast."""
+    """Cox log-hazard: ``risk = beta * log1p(elapsed) + MLP([avgpool(h), maxpool(h)])`` (float32 even under autocast).
+
+    A linear term in the clinical covariate (the time since pre-op of the last scan, when ``use_elapsed``) plus a
+    deep term on the ConvLSTM state, as in Cox models with clinical covariates and learned image features. The deep
+    term's last layer starts at zero, so training starts from the covariate model (``beta = 0``: every patient tied)
+    and the image features add to it only as far as the Cox loss rewards them; without that, 96 pooled features of a
+    randomly initialised network drown the covariate in noise at the cohort sizes of a site.
+    """
 
     def __init__(self, hidden_channels: int, risk_hidden: int, dropout: float, use_elapsed: bool) -> None:
         super().__init__()
         self.use_elapsed = use_elapsed
-        n_in = 2 * hidden_channels + int(use_elapsed)
         self.mlp = nn.Sequential(
-            nn.Linear(n_in, risk_hidden), nn.LeakyReLU(0.01), nn.Dropout(dropout), nn.Linear(risk_hidden, 1)
+            nn.Linear(2 * hidden_channels, risk_hidden), nn.LeakyReLU(0.01), nn.Dropout(dropout),
+            nn.Linear(risk_hidden, 1),
         )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.beta = nn.Parameter(torch.zeros(1)) if use_elapsed else None
 
     def forward(self, h: Tensor, elapsed: Tensor) -> Tensor:
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = h.float()
-            feats = [h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))]
-            if self.use_elapsed:
-                feats.append(torch.log1p(elapsed.float()).unsqueeze(1))
-            return self.mlp(torch.cat(feats, dim=1)).squeeze(1)
+            risk = self.mlp(torch.cat([h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))], dim=1)).squeeze(1)
+            if self.beta is not None:
+                risk = risk + self.beta * torch.log1p(elapsed.float())
+            return risk
 
 
 # ----------------------------------------------------------------------------------------------------------------------

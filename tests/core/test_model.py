@@ -18,9 +18,18 @@ TINY = ModelConfig(widths=(4, 8, 8), lstm_hidden=6, risk_hidden=8, dropout=0.0)
 S = 8  # spatial size of the tiny tests (divisible by 2**(3-1))
 
 
-def _model(cfg: ModelConfig = TINY, seed: int = 0) -> STRPNet:
+def _model(cfg: ModelConfig = TINY, seed: int = 0, *, fresh: bool = False) -> STRPNet:
+    """A model in eval mode; unless ``fresh``, its risk head is moved off its initial state (where the risk is 0 for
+    every input: see ``test_initial_state_is_the_tied_covariate_model_and_the_recurrence_prior``) so that the tests
+    of invariances and of the use of the inputs see a risk that depends on them."""
     torch.manual_seed(seed)
-    return STRPNet(cfg).eval()
+    model = STRPNet(cfg)
+    if not fresh:
+        with torch.no_grad():
+            torch.nn.init.normal_(model.risk_head.mlp[-1].weight, std=0.5)
+            if model.risk_head.beta is not None:
+                model.risk_head.beta.fill_(-0.7)
+    return model.eval()
 
 
 def _inputs(b: int, t: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,6 +105,29 @@ def test_every_parameter_gets_a_gradient() -> None:
     (out.recurrence_logits.mean() + out.risk.sum()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
+
+
+def test_initial_state_is_the_tied_covariate_model_and_the_recurrence_prior() -> None:
+    """At initialisation every patient has risk 0 (beta = 0, deep term's last layer 0: training starts from ties)
+    and the recurrence map is near the rare-class prior sigmoid(bias) = RECURRENCE_PRIOR, not 0.5."""
+    from strpnet_core.model import RECURRENCE_PRIOR
+
+    model = _model(fresh=True)
+    images, days, mask = _inputs(3, 3, seed=8)
+    with torch.no_grad():
+        out = model(images, days, mask)
+    assert torch.equal(out.risk, torch.zeros(3))
+    p = torch.sigmoid(out.recurrence_logits)
+    assert abs(float(p.median()) - RECURRENCE_PRIOR) < 0.02
+    assert float(p.max()) < 0.5
+    # one Adam step on the Cox-type gradient moves beta and the deep term off zero
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    (-(model(images, days, mask).risk * torch.tensor([1.0, -1.0, 0.5])).sum()).backward()
+    opt.step()
+    with torch.no_grad():
+        assert float(model.risk_head.beta.abs()) > 0
+        assert model.eval()(images, days, mask).risk.abs().max() > 0
 
 
 def test_bf16_autocast_forward_keeps_float32_risk() -> None:
