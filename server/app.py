@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from strpnet_core.federation import FederationConfig, build_model
+from strpnet_core.federation import FederationConfig, build_model, evaluate_test_set
 from strpnet_core.risk_reference import write_risk_reference_from_history
 
 from .checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -33,6 +33,9 @@ from .outputs import write_final_model, write_metrics, write_summary
 from .strategy import QuorumNotReached, STRPNetStrategyMixin, core_strategy, make_strategy
 
 app = ServerApp()
+
+#: Metrics of the coordinator's test set kept per round (as ``test_<name>``) when ``test-cache`` is set.
+TEST_METRICS = ("c-index", "comparable", "dice", "loss", "n_patients", "n_events")
 
 #: Model-defining keys that must not change across a resume.
 _FROZEN_ON_RESUME = ("model", "preset", "seed", "val_fraction")
@@ -121,6 +124,12 @@ def main(grid: Grid, context: Context) -> None:
             return None
         server_round = done + local_round
         row = _round_row(server_round, core, now - state["t"], model_bytes)
+        if cfg.test_cache:  # server-side evaluation on the coordinator's own held-out patients
+            test = evaluate_test_set(current.to_torch_state_dict(), cfg)
+            row.update({f"test_{k.replace('-', '_')}": test[k] for k in TEST_METRICS})
+            log(INFO, "[strpnet] round %d/%d: coordinator test set: C-index %s (%s comparable pairs of %s patients), "
+                "Dice %s", server_round, total, _fmt(row["test_c_index"]), _fmt(row["test_comparable"], ".0f"),
+                _fmt(row["test_n_patients"], ".0f"), _fmt(row["test_dice"]))
         state["t"], state["arrays"] = now, current
         history.append(row)
         save_checkpoint(run_dir, Checkpoint(server_round, _weights(current), history, cfg.to_dict(), capture_rng()))
@@ -175,7 +184,8 @@ def main(grid: Grid, context: Context) -> None:
         "num_server_rounds": total,
         "resumed_from_round": done if ckpt is not None else None,
         "final": {k: last.get(k) for k in ("c_index", "dice", "eval_loss", "train_loss", "comparable", "n_patients",
-                                           "n_events")},
+                                           "n_events", *(f"test_{t.replace('-', '_')}" for t in TEST_METRICS))
+                  if k in last or not k.startswith("test_")},
         "best_round_by_c_index": best["round"] if best else None,
         "best_c_index": best["c_index"] if best else None,
         "model_path": str(model_path),

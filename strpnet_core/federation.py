@@ -118,6 +118,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "resume": False,
     "data-root": "",
     "cache-root": "",
+    "test-cache": "",
     # reliability and security (server/strategy.py, docs/reliability.md)
     "node-wait-timeout": 120.0,
     "start-wait-timeout": 3600.0,
@@ -168,6 +169,9 @@ class FederationConfig:
     data_root, cache_root:
         Simulation only: folder of raw site folders and folder of per-site caches (partition ``p`` = ``p``-th site
         in name order).
+    test_cache:
+        Coordinator only (``""``: none): a ready cache of the coordinator's own held-out patients; the global model
+        is evaluated on it after every round (server-side evaluation, :func:`evaluate_test_set`). No site sees it.
     node_wait_timeout, start_wait_timeout:
         Longest wait (s) of a node sampling for ``min-available-nodes`` during the run / before the first round;
         then the run goes on with the connected sites if at least ``min-train-nodes`` (``min-evaluate-nodes``) are
@@ -198,6 +202,7 @@ class FederationConfig:
     resume: bool = False
     data_root: str = ""
     cache_root: str = ""
+    test_cache: str = ""
     node_wait_timeout: float = 120.0
     start_wait_timeout: float = 3600.0
     aggregation: str = "fedavg"
@@ -759,6 +764,28 @@ def check_reply_keys(replies: Sequence[Mapping[str, Any]], required: Sequence[st
                 f"{what} replies have mismatched keys: {name} has {sorted(rep)} but {names[0]} has "
                 f"{sorted(reference)}; every site must run the same strpnet-fed version"
             )
+
+
+def evaluate_test_set(state_dict: Mapping[str, Any], cfg: FederationConfig) -> dict[str, float]:
+    """Server-side evaluation of global weights on the coordinator's own held-out cache (``test-cache``).
+
+    The same aggregates as a site's evaluation (:func:`local_evaluate` without the small-count rule: the data never
+    leave the coordinator) and the same derived metrics (:func:`derived_eval_metrics`): Harrell's C over all pairs
+    of the test patients, pooled Dice, mean segmentation loss.
+
+    Raises
+    ------
+    ValueError
+        ``test-cache`` is empty; :class:`strpnet_core.site.NoUsablePatientError` when the folder has no usable cache.
+    """
+    from .training import evaluate_model
+
+    if not cfg.test_cache:
+        raise ValueError("evaluate_test_set: the run config has no test-cache")
+    model = build_model(cfg)
+    model.load_state_dict(state_dict)
+    counts = evaluate_model(model, load_site_dataset(cfg.test_cache), cfg.train_config()).to_metrics()
+    return {**{k: float(v) for k, v in counts.items()}, **derived_eval_metrics(counts)}
 
 
 def pool_eval_counts(replies: Sequence[Mapping[str, float | int]],

@@ -27,6 +27,8 @@ _SHOWN = ("[strpnet]", "[ROUND", "ERROR", "Error", "Traceback", "Successfully st
 DEFAULT_SITES = 3
 DEFAULT_PATIENTS = "6"
 DEFAULT_ROUNDS = 3
+#: Held-out patients of the coordinator generated with the demo cohort (server-side evaluation, ``test-cache``).
+DEFAULT_TEST_PATIENTS = 8
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"number of sites (default {DEFAULT_SITES} when generating; all of --data otherwise)")
     p.add_argument("--patients", default=DEFAULT_PATIENTS,
                    help=f"patients per generated site (default {DEFAULT_PATIENTS}; see strpnet synth)")
+    p.add_argument("--test-patients", type=int, default=DEFAULT_TEST_PATIENTS,
+                   help="held-out patients of the coordinator generated with the cohort (no site has them): the "
+                   "global model is evaluated on them after every round (default "
+                   f"{DEFAULT_TEST_PATIENTS}; 0: none; only when the cohort is generated)")
+    p.add_argument("--test-data", metavar="SITE_DIR",
+                   help="a raw site folder of the coordinator's own held-out patients, evaluated after every round")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"federated rounds (default {DEFAULT_ROUNDS})")
     p.add_argument("--preset", default="demo", choices=("ci", "demo", "brats"), help="resolution preset (default demo)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/sim-<date-time>)")
@@ -90,6 +98,8 @@ def simulate(
     sites: int | None = None,
     patients: str = DEFAULT_PATIENTS,
     rounds: int = DEFAULT_ROUNDS,
+    test_patients: int = 0,
+    test_data: Path | None = None,
     preset: str = "demo",
     seed: int = 0,
     workers: int = 1,
@@ -114,6 +124,13 @@ def simulate(
         Cohort and preprocessing settings.
     rounds:
         ``num-server-rounds``.
+    test_patients:
+        When the cohort is generated: also generate this many held-out patients for the coordinator
+        (``run_dir/test_data``, another seed; 0: none).
+    test_data:
+        A raw site folder of the coordinator's own held-out patients (instead of generated ones).
+    Either test set is preprocessed into ``run_dir/test_cache`` and evaluated by the ServerApp after every round
+    (run-config ``test-cache``): a C-index over all pairs of one set, where the sites' held-out splits give few.
     cpus_per_site:
         Flower simulation ``client-resources-num-cpus``.
     resume:
@@ -174,6 +191,9 @@ def simulate(
                   f"{cohort.oracle_c_index:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
         else:
             print(f"[1/3] reusing the cohort in {data}", flush=True)
+        if test_patients > 0 and test_data is None:
+            test_data = _generate_test_set(run_dir / "test_data", test_patients, preset=preset, seed=seed,
+                                           workers=workers, progress=progress)
     data = data.resolve()
     site_dirs = list_sites(data) if data.is_dir() else []
     data_root = "" if cache_only else str(data)
@@ -196,6 +216,11 @@ def simulate(
             continue
         print(f"      {site.name}: {info.num_patients} patients ready ({time.monotonic() - t0:.0f} s)", flush=True)
 
+    test_cache = None
+    if test_data is not None:
+        test_cache = _prepare_test_cache(Path(test_data), run_dir / "test_cache", preset=preset, seed=seed,
+                                         workers=workers, progress=progress)
+
     flwr_home = run_dir / "flower"
     port = free_port()
     write_flwr_config(flwr_home, f"127.0.0.1:{port}", insecure=True)
@@ -211,6 +236,8 @@ def simulate(
         "min-evaluate-nodes": n_sites,
         "min-available-nodes": n_sites,
     }
+    if test_cache is not None:
+        run_values["test-cache"] = str(test_cache)
     run_values.update(overrides or {})
     config_file = write_run_config(flwr_home / "run_config.toml", run_values)
     federation = {"num-supernodes": n_sites, "client-resources-num-cpus": int(cpus_per_site),
@@ -243,16 +270,55 @@ def simulate(
     return summary
 
 
+def _generate_test_set(out: Path, n_patients: int, *, preset: str, seed: int, workers: int,
+                       progress: bool) -> Path:
+    """Generate (or reuse) the coordinator's held-out patients: one synthetic site with its own seed, so that no
+    patient, scanner or case mix is shared with the federated sites. Returns the raw site folder."""
+    from client.site_data import list_sites
+
+    from ..federation import derive_seed
+    from ..synth import generate_cohort
+
+    if not (out / "truth" / "cohort.json").is_file():
+        t0 = time.monotonic()
+        cohort = generate_cohort(out, sites=1, patients=[n_patients], preset=preset,
+                                 seed=derive_seed(seed, "coordinator-test"), workers=workers, progress=progress,
+                                 png=False)
+        print(f"      coordinator test set: {cohort.n_patients} patients, {cohort.n_events} events, oracle C-index "
+              f"{cohort.oracle_c_index:.3f} ({time.monotonic() - t0:.0f} s) -> {out}", flush=True)
+    return list_sites(out)[0]
+
+
+def _prepare_test_cache(site_dir: Path, cache_dir: Path, *, preset: str, seed: int, workers: int,
+                        progress: bool) -> Path:
+    """Validate and preprocess the coordinator's test site into ``cache_dir`` (reused when complete)."""
+    from ..federation import prepare_site_cache
+
+    t0 = time.monotonic()
+    info = prepare_site_cache(site_dir, cache_dir, site_name="coordinator-test", preset=preset, seed=seed,
+                              workers=workers, progress=progress)
+    print(f"      coordinator test set: {info.num_patients} patients ready ({time.monotonic() - t0:.0f} s)",
+          flush=True)
+    return cache_dir.resolve()
+
+
 def print_rounds(run_dir: Path) -> None:
     """Print the per-round table of ``run_dir/metrics.json``."""
     rows = json.loads((run_dir / "metrics.json").read_text())
-    print(f"{'round':>5}  {'C-index':>7}  {'pairs':>6}  {'Dice':>6}  {'eval loss':>9}  {'train loss':>10}  {'s':>6}")
+    test = any("test_c_index" in r for r in rows)
+    print(f"{'round':>5}  {'C-index':>7}  {'pairs':>6}  {'Dice':>6}  {'eval loss':>9}  {'train loss':>10}  {'s':>6}"
+          + (f"  {'test C':>6}  {'pairs':>5}  {'test Dice':>9}" if test else ""))
     for r in rows:
         def f(key: str, spec: str) -> str:
             v = r.get(key)
             return "n/a" if v is None else format(v, spec)
         print(f"{r['round']:>5}  {f('c_index', '.3f'):>7}  {f('comparable', '.0f'):>6}  {f('dice', '.3f'):>6}  "
-              f"{f('eval_loss', '.4f'):>9}  {f('train_loss', '.4f'):>10}  {f('round_seconds', '.1f'):>6}")
+              f"{f('eval_loss', '.4f'):>9}  {f('train_loss', '.4f'):>10}  {f('round_seconds', '.1f'):>6}"
+              + (f"  {f('test_c_index', '.3f'):>6}  {f('test_comparable', '.0f'):>5}  {f('test_dice', '.3f'):>9}"
+                 if test else ""))
+    if test:
+        print("C-index, pairs, Dice: federated, over the sites' held-out splits (pooled counts); test: the coordinator's "
+              "own held-out patients, evaluated server-side")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -270,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
             sites=args.sites,
             patients=args.patients,
             rounds=args.rounds,
+            test_patients=args.test_patients,
+            test_data=Path(args.test_data) if args.test_data else None,
             preset=args.preset,
             seed=args.seed,
             workers=args.workers,

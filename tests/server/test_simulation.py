@@ -1,5 +1,7 @@
 """Flower simulation of 3 sites (ci preset, cache files written directly, tiny model), 2 rounds: it finishes, the
-loss falls, the outputs are written, and a run resumed from its round-1 checkpoint reaches bit-identical weights."""
+loss falls, the outputs are written, the coordinator's test set is evaluated server-side after every round (C-index
+equal to lifelines' on the final model's risks), and a run resumed from its round-1 checkpoint reaches bit-identical
+weights."""
 
 from __future__ import annotations
 
@@ -9,22 +11,34 @@ from pathlib import Path
 import pytest
 import torch
 
+from lifelines.utils import concordance_index
+from torch.utils.data import DataLoader
+
+from strpnet_core.cache import list_cache
 from strpnet_core.commands.simulate import simulate
-from sim_fixtures import TINY_RUN_CONFIG, assert_same_final_model
+from strpnet_core.dataset import PatientDataset, collate_patients
+from strpnet_core.training import load_trained_model, predict_batch
+from sim_fixtures import TINY_RUN_CONFIG, assert_same_final_model, make_site_caches
 
 pytestmark = pytest.mark.integration
 
 
 
-def _run(run_dir: Path, caches: Path, rounds: int, *, resume: bool = False) -> dict:
+@pytest.fixture(scope="module")
+def test_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The coordinator's own held-out patients (another seed than the sites')."""
+    return make_site_caches(tmp_path_factory.mktemp("coordinator"), sites=1, patients=8, seed=99) / "site-01"
+
+
+def _run(run_dir: Path, caches: Path, test_cache: Path, rounds: int, *, resume: bool = False) -> dict:
     return simulate(run_dir, data=None, cache=caches, sites=3, rounds=rounds, preset="ci", seed=7, resume=resume,
-                    overrides=dict(TINY_RUN_CONFIG), timeout_s=240, progress=False)
+                    overrides={**TINY_RUN_CONFIG, "test-cache": str(test_cache)}, timeout_s=240, progress=False)
 
 
 @pytest.fixture(scope="module")
-def full_run(site_caches: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def full_run(site_caches: Path, test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("sim-full")
-    _run(run_dir, site_caches, rounds=2)
+    _run(run_dir, site_caches, test_cache, rounds=2)
     return run_dir
 
 
@@ -44,10 +58,30 @@ def test_simulation_finishes_with_outputs_and_falling_loss(full_run: Path) -> No
     assert model["server_round"] == 2 and model["model_config"] and model["state_dict"]
 
 
-def test_resume_reaches_the_same_final_weights(full_run: Path, site_caches: Path, tmp_path: Path) -> None:
-    _run(tmp_path, site_caches, rounds=1)
+def test_coordinator_test_set_is_evaluated_every_round(full_run: Path, test_cache: Path) -> None:
+    """Server-side evaluation: every round has test_* metrics; the last one is Harrell's C of the final model's
+    risks over all pairs of the 8 test patients, as lifelines computes it."""
+    rows = json.loads((full_run / "metrics.json").read_text())
+    assert all(r["test_n_patients"] == 8 for r in rows)
+    model, train_cfg, _ = load_trained_model(full_run / "final_model.pt")
+    model.eval()
+    risks, times, events = [], [], []
+    for batch in DataLoader(PatientDataset(list_cache(test_cache)), batch_size=1, collate_fn=collate_patients):
+        _, risk = predict_batch(model, batch, train_cfg)
+        risks.append(float(risk[0]))
+        times.append(float(batch["time"][0]))
+        events.append(int(batch["event"][0]))
+    assert rows[-1]["test_comparable"] > 0
+    assert rows[-1]["test_c_index"] == pytest.approx(concordance_index(times, [-r for r in risks], events), abs=1e-9)
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert summary["final"]["test_c_index"] == rows[-1]["test_c_index"]
+
+
+def test_resume_reaches_the_same_final_weights(full_run: Path, site_caches: Path, test_cache: Path,
+                                               tmp_path: Path) -> None:
+    _run(tmp_path, site_caches, test_cache, rounds=1)
     assert json.loads((tmp_path / "summary.json").read_text())["rounds_completed"] == 1
-    summary = _run(tmp_path, site_caches, rounds=2, resume=True)
+    summary = _run(tmp_path, site_caches, test_cache, rounds=2, resume=True)
     assert summary["resumed_from_round"] == 1 and summary["rounds_completed"] == 2
     assert_same_final_model(full_run, tmp_path)
     rows_a = json.loads((full_run / "metrics.json").read_text())
