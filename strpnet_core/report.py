@@ -201,7 +201,8 @@ def _save(fig: Any, path: Path, dpi: int = 100) -> Path:
 
 
 def plot_rounds(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Federated C-index (labelled with its comparable pairs), pooled Dice and the losses per round -> PNG."""
+    """Federated C-index (labelled with its comparable pairs), pooled Dice and the losses per round -> PNG; with the
+    coordinator test set's C-index and Dice (server-side evaluation, ``test-cache``) when the run has them."""
     plt = _pyplot()
     r = [int(row["round"]) for row in rows]
     get = lambda k: [_num(row.get(k)) for row in rows]  # noqa: E731
@@ -212,9 +213,16 @@ def plot_rounds(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str])
     for x, c, p in zip(r, get("c_index"), get("comparable"), strict=True):
         if math.isfinite(c) and math.isfinite(p):
             ax.annotate(f"{p:.0f} pairs", (x, c), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    test = any("test_c_index" in row for row in rows)
+    if test:
+        ax.plot(r, get("test_c_index"), "s--", color="tab:orange", label="coordinator test set")
+        ax.legend(fontsize=8, loc="lower right")
     ax.set(title="federated C-index (pooled pairs)", xlabel="round", ylim=(0, 1.05))
     ax = axes[1]
-    ax.plot(r, get("dice"), "o-", color="tab:green")
+    ax.plot(r, get("dice"), "o-", color="tab:green", label="sites (pooled)")
+    if test:
+        ax.plot(r, get("test_dice"), "s--", color="tab:orange", label="coordinator test set")
+        ax.legend(fontsize=8)
     ax.set(title="pooled Dice (recurrence map)", xlabel="round", ylim=(0, 1.05))
     ax = axes[2]
     ax.plot(r, get("eval_loss"), "o-", label="evaluation (segmentation)")
@@ -575,6 +583,11 @@ def write_report(
     test = None
     if test_cache is not None and test_data is not None:
         raise ReportError("give either --test-cache or --test-data, not both")
+    if test_cache is None and test_data is None and config.get("test_cache"):
+        test_cache = config["test_cache"]  # the run's own coordinator test set (server-side evaluation)
+        if not Path(test_cache).is_dir():
+            raise ReportError(f"{run.run_dir}: the run's test-cache {test_cache} is gone; give --test-cache or "
+                              f"--test-data")
     if test_cache is not None or test_data is not None:
         if run.model_path is None:
             raise ReportError(f"{run.run_dir}: no {FINAL_MODEL} (the run has not finished): cannot predict the "

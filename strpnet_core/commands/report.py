@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "log-rank p-value, and example overlays of the predicted recurrence map.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory of strpnet simulate or flower-server")
-    p.add_argument("--test-cache", metavar="DIR", help="preprocessed test patients with outcomes (strpnet preprocess)")
+    p.add_argument("--test-cache", metavar="DIR", help="preprocessed test patients with outcomes (strpnet preprocess; "
+                   "default: the run's own test-cache, e.g. the coordinator test set of strpnet simulate)")
     p.add_argument("--test-data", metavar="SITE_DIR",
                    help="or a raw test site folder (preprocessed with the run's preset into OUT/test-cache)")
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/report)")

@@ -35,21 +35,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A real Flower simulation: 3 sites of 9 patients (5 train, 4 held out each, so every site sends a risk
-    histogram), 2 rounds; and a test site of 10 patients that no site saw (another seed)."""
+    histogram), 2 rounds; and a test site of 10 patients that no site saw (another seed): the run's ``test-cache``,
+    evaluated server-side after every round and, by default, by the report."""
     from strpnet_core.commands.simulate import simulate
 
     root = tmp_path_factory.mktemp("report")
     caches = make_site_caches(root / "caches", sites=3, patients=9, seed=0)
     test_cache = make_site_caches(root / "test", sites=1, patients=10, seed=11) / "site-01"
     run_dir = root / "run"
-    simulate(run_dir, data=None, cache=caches, sites=3, rounds=2, preset="ci", seed=7, overrides=dict(TINY_RUN_CONFIG),
-             timeout_s=400, progress=False)
+    simulate(run_dir, data=None, cache=caches, sites=3, rounds=2, preset="ci", seed=7,
+             overrides={**TINY_RUN_CONFIG, "test-cache": str(test_cache)}, timeout_s=400, progress=False)
     return {"run": run_dir, "test": test_cache, "root": root}
 
 
 @pytest.fixture(scope="module")
 def report(sim: dict[str, Path]):
-    return write_report(sim["run"], out_dir=sim["root"] / "report", test_cache=sim["test"], device="cpu")
+    return write_report(sim["run"], out_dir=sim["root"] / "report", device="cpu")  # the run's own test-cache
 
 
 @pytest.mark.integration
@@ -83,7 +84,8 @@ def test_report_holds_round_site_and_test_tables_and_images(sim: dict[str, Path]
 
 @pytest.mark.integration
 def test_test_set_c_index_and_log_rank_match_lifelines(sim: dict[str, Path], report) -> None:
-    """Recompute the test set's risks patient by patient and compare with lifelines."""
+    """Recompute the test set's risks patient by patient and compare with lifelines; the server-side evaluation of
+    the last round (same weights) gave the same C-index."""
     from lifelines.statistics import logrank_test
     from lifelines.utils import concordance_index
 
@@ -101,6 +103,8 @@ def test_test_set_c_index_and_log_rank_match_lifelines(sim: dict[str, Path], rep
         events.append(p.event)
     r, t, e = np.array(risks), np.array(times), np.array(events)
     assert report.test.c_index == pytest.approx(concordance_index(t, -r, e), abs=1e-9)
+    last = json.loads((sim["run"] / "metrics.json").read_text())[-1]
+    assert last["test_n_patients"] == 10 and last["test_c_index"] == pytest.approx(report.test.c_index, abs=1e-9)
     high = r > report.test.threshold
     assert int(high.sum()) == report.test.n_high
     assert report.test.logrank_p == pytest.approx(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)

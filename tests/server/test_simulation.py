@@ -1,7 +1,6 @@
 """Flower simulation of 3 sites (ci preset, cache files written directly, tiny model), 2 rounds: it finishes, the
-loss falls, the outputs are written, the coordinator's test set is evaluated server-side after every round (C-index
-equal to lifelines' on the final model's risks), and a run resumed from its round-1 checkpoint reaches bit-identical
-weights."""
+loss falls, the outputs are written, the coordinator's test set is evaluated server-side after every round, and a run
+resumed from its round-1 checkpoint reaches bit-identical weights."""
 
 from __future__ import annotations
 
@@ -11,13 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifelines.utils import concordance_index
-from torch.utils.data import DataLoader
-
-from strpnet_core.cache import list_cache
 from strpnet_core.commands.simulate import simulate
-from strpnet_core.dataset import PatientDataset, collate_patients
-from strpnet_core.training import load_trained_model, predict_batch
 from sim_fixtures import TINY_RUN_CONFIG, assert_same_final_model, make_site_caches
 
 pytestmark = pytest.mark.integration
@@ -58,21 +51,12 @@ def test_simulation_finishes_with_outputs_and_falling_loss(full_run: Path) -> No
     assert model["server_round"] == 2 and model["model_config"] and model["state_dict"]
 
 
-def test_coordinator_test_set_is_evaluated_every_round(full_run: Path, test_cache: Path) -> None:
-    """Server-side evaluation: every round has test_* metrics; the last one is Harrell's C of the final model's
-    risks over all pairs of the 8 test patients, as lifelines computes it."""
+def test_coordinator_test_set_is_evaluated_every_round(full_run: Path) -> None:
+    """Server-side evaluation on the 8 patients of ``test-cache`` after every round (its C-index is checked against
+    lifelines in tests/core/test_report.py)."""
     rows = json.loads((full_run / "metrics.json").read_text())
-    assert all(r["test_n_patients"] == 8 for r in rows)
-    model, train_cfg, _ = load_trained_model(full_run / "final_model.pt")
-    model.eval()
-    risks, times, events = [], [], []
-    for batch in DataLoader(PatientDataset(list_cache(test_cache)), batch_size=1, collate_fn=collate_patients):
-        _, risk = predict_batch(model, batch, train_cfg)
-        risks.append(float(risk[0]))
-        times.append(float(batch["time"][0]))
-        events.append(int(batch["event"][0]))
-    assert rows[-1]["test_comparable"] > 0
-    assert rows[-1]["test_c_index"] == pytest.approx(concordance_index(times, [-r for r in risks], events), abs=1e-9)
+    assert all(r["test_n_patients"] == 8 and r["test_comparable"] > 0 for r in rows)
+    assert all(0.0 <= r["test_c_index"] <= 1.0 for r in rows)
     summary = json.loads((full_run / "summary.json").read_text())
     assert summary["final"]["test_c_index"] == rows[-1]["test_c_index"]
 
