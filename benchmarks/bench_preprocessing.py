@@ -8,9 +8,10 @@ every site, and prints
 - seconds per timepoint for each step (read, brain, register_modalities, n4, register_longitudinal, resample),
 - registration error vs truth (mean over the moving image's brain voxels y of |T(S(y)) - y|, mm) for the
   longitudinal T1c and the other modalities,
-- N4: correlation of the estimated and true log-bias inside the true brain mask; WM-proxy coefficient of variation
-  (biased / corrected / clean where the truth allows),
-- brain extraction Dice vs the true mask (skull-on sites), z-score check on the cache.
+- N4 (the pipeline's settings): correlation of the estimated and true log-bias inside the true brain mask,
+- brain extraction Dice vs the true mask (skull-on sites; the pipeline's atlas settings), z-score check on the cache.
+
+``--cohort DIR --max-patients N`` takes the first N patients of every site of an existing cohort.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cohort", type=Path, default=None, help="existing synthetic cohort (else generated)")
+    ap.add_argument("--max-patients", type=int, default=None, help="first N patients of each site (with --cohort)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_preprocessing"))
     args = ap.parse_args(argv)
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(args.threads)
 
     from strpnet_core.preprocessing.bias import n4_correct
     from strpnet_core.preprocessing.brain import brain_mask
-    from strpnet_core.preprocessing.pipeline import preprocess_patient
+    from strpnet_core.preprocessing.pipeline import PipelineSettings, preprocess_patient
     from strpnet_core.preprocessing.qc import dice
     from strpnet_core.preprocessing.registration import mean_displacement_error
     from strpnet_core.site import validate_site
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (cohort / "truth" / "cohort.json").exists():
             cli(["synth", "--out", str(cohort), "--sites", str(args.sites), "--patients", str(args.patients),
                  "--preset", args.preset, "--seed", str(args.seed), "--no-png", "--no-progress"])
+    settings = PipelineSettings.from_preset(args.preset)
     steps: dict[str, list[float]] = {}
     reg_long, reg_mod, n4_corr, cv_rows, dices, zchk = [], [], [], [], [], []
     t_all = time.perf_counter()
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.work / f"cache-{args.preset}" / site_dir.name
         index = validate_site(site_dir, require_outcomes=False, check_voxels=False)
         truth = cohort / "truth" / site_dir.name
-        for rec in index.patients:
+        for rec in index.patients[: args.max_patients]:
             tdir = truth / rec.patient_id
             est: dict = {}
             r = preprocess_patient(rec, site_name=index.site_name, out_dir=out, preset=args.preset, seed=args.seed,
@@ -84,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                         (reg_long if m == "t1c" else reg_mod).append(err)
                     bias_file = tdir / f"{rec.patient_id}-{scan.timepoint}-{m}-bias.nii.gz"
                     if bias_file.exists():
-                        _, lb = n4_correct(img, mmask)
+                        _, lb = n4_correct(img, mmask, fit_spacing_mm=settings.n4_fit_spacing_mm,
+                                           iterations=settings.n4_iterations, control_points=settings.n4_control_points)
                         mk = sitk.GetArrayViewFromImage(mmask) > 0
                         true_log = np.log(np.maximum(sitk.GetArrayFromImage(sitk.ReadImage(str(bias_file))), 1e-6))
                         n4_corr.append(float(np.corrcoef(sitk.GetArrayFromImage(lb)[mk], true_log[mk])[0, 1]))
                 t1c = sitk.ReadImage(str(scan.images["t1c"]), sitk.sitkFloat32)
-                bm, method = brain_mask(t1c, seed=args.seed)
+                bm, method = brain_mask(t1c, seed=args.seed, settings=settings.brain_linear)
                 if method == "atlas":
                     dices.append(dice(sitk.GetArrayFromImage(bm), sitk.GetArrayFromImage(tm)))
         from strpnet_core.cache import list_cache, load_cached_patient

@@ -80,6 +80,24 @@ def resample_to_grid(
     return sitk.GetArrayFromImage(out)
 
 
+def displacement_field_on_grid(transform: sitk.Transform, grid: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """``transform`` tabulated on ``grid``'s voxel centres: ``u(x) = T(x) - x`` stored as a displacement field
+    (float64), wrapped as a transform ``x -> x + u(x)``.
+
+    At a voxel centre of ``grid`` the field's linear interpolation returns the stored node value, so the returned
+    transform equals ``T`` there (to float64 rounding) and resampling onto ``grid`` through it is the same single
+    interpolation of the moving image as through ``T`` itself.  Worth it when ``T`` is expensive to evaluate (a
+    composite holding B-splines: ~64 control-point weights per point and level) and several images are resampled
+    onto the same grid: ``T`` is evaluated once per grid voxel instead of once per voxel and image.  Between
+    voxel centres or outside ``grid`` it is only an approximation of ``T`` (zero displacement outside): use ``T``
+    itself for anything not evaluated on ``grid``'s voxel centres.
+    """
+    field = sitk.TransformToDisplacementFieldFilter()
+    field.SetReferenceImage(grid)
+    field.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return sitk.DisplacementFieldTransform(field.Execute(transform))
+
+
 def resample_mask_like(mask: sitk.Image, like: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
     """Nearest-neighbour resampling of a binary mask onto ``like``'s grid (uint8, 0 outside)."""
     tx = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
