@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast study clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 # The main job: a federated simulation on the embedded synthetic default cohort.
 demo: setup
 	$(BIN)/strpnet simulate
+
+# The comparison study of docs/results.md (about an hour on 2 cores; resumable).
+study: setup
+	$(BIN)/python benchmarks/study/run_study.py --config full --out runs/study-full --publish
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -28,7 +28,7 @@ DEFAULT_SITES = 3
 DEFAULT_PATIENTS = "6"
 DEFAULT_ROUNDS = 3
 #: Held-out patients of the coordinator generated with the demo cohort (server-side evaluation, ``test-cache``).
-DEFAULT_TEST_PATIENTS = 8
+DEFAULT_TEST_PATIENTS = 6
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
