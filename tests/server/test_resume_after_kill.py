@@ -77,13 +77,18 @@ def test_killed_simulation_resumes_to_identical_weights(site_caches: Path, tmp_p
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
+        # Every Flower process of the run (SuperLink, SuperExec, simulation, flwr run) has telemetry off: their
+        # environments are read while waiting (they all start before round 1), so that the kill follows the first
+        # checkpoint at once (a tiny round takes ~1.5 s; reading /proc after it let a loaded machine finish the run).
+        envs: dict[int, dict[str, str]] = {}
         while _round(run_dir) < 1:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.1)
-        started = flower_processes(flwr_home)
-        # Every Flower process of the run (SuperLink, SuperExec, simulation, flwr run) has telemetry off.
-        envs = {pid: process_environ(pid) or {} for pid in started}
+            for pid in set(flower_processes(flwr_home)) - set(envs):
+                if (env := process_environ(pid)) is not None:  # None: the process is already gone
+                    envs[pid] = env
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)  # the coordinator dies: the whole process group, no clean-up code runs
+        started = list(envs)
         proc.wait(timeout=30)
         t_kill = time.monotonic()
     finally:
