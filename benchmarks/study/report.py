@@ -296,7 +296,9 @@ def limits_text(goals: Sequence[Mapping[str, Any]], context: Mapping[str, Any]) 
 
 def write_markdown(path: Path, *, cfg: Mapping[str, Any], methods: Sequence[Method], result: Mapping[str, Any],
                    goals: Sequence[Mapping[str, Any]], context: Mapping[str, Any], images: Sequence[str],
-                   timings: Mapping[str, float], command: str) -> None:
+                   timings: Mapping[str, float], command: str, reading: str | None = None) -> None:
+    """Write ``results.md``; ``reading`` (markdown) is the hand-written interpretation of this configuration's run
+    (``benchmarks/study/reading-<config>.md``), placed after the rule-based notes on the missed goals."""
     stats = result["stats"]
     smoke = cfg["name"] != "full"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
@@ -390,6 +392,11 @@ def write_markdown(path: Path, *, cfg: Mapping[str, Any], methods: Sequence[Meth
     L.append("No setting was tuned on the test site: the baselines' margin and Cox model are fitted on the training "
              "sites, the deep models use the run config above, and the test site is only predicted.")
     L.append("")
+    if reading:
+        L.append("### Reading")
+        L.append("")
+        L.append(reading.strip())
+        L.append("")
     L.append("## Run time")
     L.append("")
     L.append("| stage | s |")

@@ -221,6 +221,11 @@ class Study:
             ms.append(report.Method(key, label, kind, [evaluate.read_predictions(self.pred_dir / f"{key}.json")]))
         return ms
 
+    def reading(self) -> str | None:
+        """The hand-written reading of this configuration's results (``reading-<config>.md`` beside this script)."""
+        path = Path(__file__).resolve().parent / f"reading-{self.cfg.name}.md"
+        return path.read_text() if path.is_file() else None
+
     def write_report(self, cohort: dict[str, Any], baseline_info: dict[str, Any], publish: Path | None,
                      command: str) -> Path:
         import numpy as np
@@ -270,7 +275,8 @@ class Study:
         images = report.write_plots(methods, result["stats"], img_dir, fl_hist)
         md = self.out / "results.md"
         report.write_markdown(md, cfg=self.cfg.to_dict(), methods=methods, result=result, goals=goals,
-                              context=context, images=images, timings=self.merged_timings(), command=command)
+                              context=context, images=images, timings=self.merged_timings(), command=command,
+                              reading=self.reading())
         report.write_results_json(self.out / "results.json", result, goals, context)
         log(f"wrote {md}")
         print(report.results_table(methods, result["stats"]), flush=True)
