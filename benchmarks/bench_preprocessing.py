@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--preset", args.preset, "--seed", str(args.seed), "--no-png", "--no-progress"])
     settings = PipelineSettings.from_preset(args.preset)
     steps: dict[str, list[float]] = {}
-    reg_long, reg_mod, n4_corr, cv_rows, dices, zchk = [], [], [], [], [], []
+    reg_long, reg_mod, n4_corr, dices, zchk = [], [], [], [], []
     t_all = time.perf_counter()
     for site_dir in sorted(p for p in cohort.iterdir() if p.name.startswith("site-")):
         out = args.work / f"cache-{args.preset}" / site_dir.name

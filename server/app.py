@@ -183,9 +183,9 @@ def main(grid: Grid, context: Context) -> None:
         "rounds_completed": last.get("round", done),
         "num_server_rounds": total,
         "resumed_from_round": done if ckpt is not None else None,
-        "final": {k: last.get(k) for k in ("c_index", "dice", "eval_loss", "train_loss", "comparable", "n_patients",
-                                           "n_events", *(f"test_{t.replace('-', '_')}" for t in TEST_METRICS))
-                  if k in last or not k.startswith("test_")},
+        "final": {**{k: last.get(k) for k in ("c_index", "dice", "eval_loss", "train_loss", "comparable",
+                                               "n_patients", "n_events")},
+                  **{k: v for k, v in last.items() if k.startswith("test_")}},
         "best_round_by_c_index": best["round"] if best else None,
         "best_c_index": best["c_index"] if best else None,
         "model_path": str(model_path),

@@ -232,6 +232,7 @@ class Study:
 
         from strpnet_core.baselines import harrell_c, uno_horizon
         from strpnet_core.cache import load_cached_patient
+        from strpnet_core.metrics import concordance_counts
 
         train_files = evaluate.cache_patients([self.train_cache_root / s for s in self.train_sites])
         tt, te = [], []
@@ -248,7 +249,7 @@ class Study:
         test = methods[0].runs[0]["patients"]
         t = np.array([p["time"] for p in test])
         e = np.array([p["event"] for p in test])
-        pairs = int(sum(1 for i in range(len(t)) for j in range(len(t)) if e[i] and t[i] < t[j]))
+        pairs = concordance_counts(np.zeros(len(t)), t, e).comparable
         orc = result["stats"].get("oracle", {}).get("harrell", {})
         lo, hi = orc.get("ci", [float("nan")] * 2)
         sites = []
