@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes for cohort generation and preprocessing (default: all CPUs)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs reserved per simulated site (default 1)")
+    p.add_argument("--gpus-per-site", type=float, default=None,
+                   help="GPUs reserved per simulated site, a fraction shares one GPU (default: the visible CUDA GPUs "
+                   "shared by all sites, min(1, GPUs / sites); 0 on a machine without CUDA)")
     p.add_argument("--resume", action="store_true",
                    help="continue the checkpoint of --out RUN_DIR after an interruption (give the same settings)")
     p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
@@ -90,6 +93,34 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def simulation_resources(n_sites: int, cpus_per_site: int, gpus_per_site: float | None,
+                         visible_gpus: int) -> dict[str, int | float]:
+    """Flower's simulation ``--federation-config`` for ``n_sites`` simulated SuperNodes on this machine.
+
+    Ray gives a site's ClientApp the GPUs of its ``client-resources-num-gpus`` (``CUDA_VISIBLE_DEVICES``; a site with
+    0 sees none and trains on the CPU). Default (``gpus_per_site`` None): ``g = min(1, G / n_sites)`` for ``G``
+    visible GPUs, so that all sites run at once sharing them (3 sites on 1 GPU: 1/3 each), 0 when ``G = 0``.
+    ``init-args-num-gpus = G`` tells Ray how many there are.
+
+    Raises
+    ------
+    ValueError
+        ``gpus_per_site`` < 0, or > 0 on a machine without a visible GPU.
+    """
+    if gpus_per_site is None:
+        gpus_per_site = min(1.0, visible_gpus / max(n_sites, 1)) if visible_gpus > 0 else 0.0
+    if gpus_per_site < 0:
+        raise ValueError(f"--gpus-per-site must be >= 0, got {gpus_per_site}")
+    if gpus_per_site > 0 and visible_gpus == 0:
+        raise ValueError(f"--gpus-per-site {gpus_per_site}: no CUDA GPU is visible on this machine")
+    out: dict[str, int | float] = {"num-supernodes": int(n_sites), "client-resources-num-cpus": int(cpus_per_site),
+                                   "init-args-num-cpus": max(1, os.cpu_count() or 1)}
+    if gpus_per_site > 0:
+        out["client-resources-num-gpus"] = float(gpus_per_site)
+        out["init-args-num-gpus"] = int(visible_gpus)
+    return out
+
+
 def simulate(
     run_dir: Path,
     *,
@@ -104,6 +135,7 @@ def simulate(
     seed: int = 0,
     workers: int = 1,
     cpus_per_site: int = 1,
+    gpus_per_site: float | None = None,
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
     timeout_s: float = 6 * 3600.0,
@@ -131,8 +163,8 @@ def simulate(
         A raw site folder of the coordinator's own held-out patients (instead of generated ones).
     Either test set is preprocessed into ``run_dir/test_cache`` and evaluated by the ServerApp after every round
     (run-config ``test-cache``): a C-index over all pairs of one set, where the sites' held-out splits give few.
-    cpus_per_site:
-        Flower simulation ``client-resources-num-cpus``.
+    cpus_per_site, gpus_per_site:
+        Flower simulation client resources (:func:`simulation_resources`; GPUs default to sharing the visible ones).
     resume:
         Continue ``run_dir``'s checkpoint.
     overrides:
@@ -162,7 +194,11 @@ def simulate(
     from ..federation import free_port, prepare_site_cache, stop_process
     from ..site import NoUsablePatientError
 
+    import torch
+
     t_start = time.monotonic()
+    visible_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    simulation_resources(1, cpus_per_site, gpus_per_site, visible_gpus)  # bad GPU settings fail before the work
     run_dir = run_dir.resolve()
     resumed_from = check_resume(run_dir, resume)
     refuse_if_running(run_dir / "flower", "strpnet simulate")
@@ -240,10 +276,11 @@ def simulate(
         run_values["test-cache"] = str(test_cache)
     run_values.update(overrides or {})
     config_file = write_run_config(flwr_home / "run_config.toml", run_values)
-    federation = {"num-supernodes": n_sites, "client-resources-num-cpus": int(cpus_per_site),
-                  "init-args-num-cpus": max(1, os.cpu_count() or 1)}
+    federation = simulation_resources(n_sites, cpus_per_site, gpus_per_site, visible_gpus)
 
-    print(f"[3/3] federated training: {n_sites} simulated sites, {rounds} rounds (Flower log: {flwr_home})",
+    gpus = (f", {federation['client-resources-num-gpus']:g} of {visible_gpus} CUDA GPU(s) per site"
+            if "client-resources-num-gpus" in federation else ", CPU")
+    print(f"[3/3] federated training: {n_sites} simulated sites, {rounds} rounds{gpus} (Flower log: {flwr_home})",
           flush=True)
 
     def show(line: str) -> None:
@@ -342,6 +379,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             workers=args.workers,
             cpus_per_site=args.cpus_per_site,
+            gpus_per_site=args.gpus_per_site,
             resume=args.resume,
             overrides=overrides,
             timeout_s=args.timeout,

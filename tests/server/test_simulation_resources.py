@@ -1,0 +1,42 @@
+"""`strpnet simulate`'s client resources: simulated sites share the visible GPUs (issue 5), CPU-only otherwise."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.supercore.utils import simulation_config_from_json
+
+from strpnet_core.commands.simulate import simulation_resources
+
+
+def _flower_accepts(cfg: dict) -> object:
+    """Parse ``cfg`` the way ``flwr run --federation-config`` does (dashes -> proto field names)."""
+    return simulation_config_from_json({k.replace("-", "_"): v for k, v in cfg.items()})
+
+
+def test_cpu_only_machine_reserves_no_gpu() -> None:
+    cfg = simulation_resources(3, 1, None, 0)
+    assert "client-resources-num-gpus" not in cfg and "init-args-num-gpus" not in cfg
+    assert cfg["num-supernodes"] == 3 and cfg["client-resources-num-cpus"] == 1
+    proto = _flower_accepts(cfg)
+    assert proto.num_supernodes == 3 and not proto.HasField("client_resources_num_gpus")
+
+
+@pytest.mark.parametrize(("sites", "gpus", "per_site"), [(3, 1, 1 / 3), (2, 4, 1.0), (4, 2, 0.5), (1, 1, 1.0)])
+def test_sites_share_the_visible_gpus(sites: int, gpus: int, per_site: float) -> None:
+    cfg = simulation_resources(sites, 1, None, gpus)
+    assert cfg["client-resources-num-gpus"] == pytest.approx(per_site)
+    assert cfg["init-args-num-gpus"] == gpus
+    # All sites fit at once: sites x per-site share <= visible GPUs.
+    assert sites * cfg["client-resources-num-gpus"] <= gpus + 1e-9
+    proto = _flower_accepts(cfg)
+    assert proto.client_resources_num_gpus == pytest.approx(per_site, rel=1e-6)
+    assert proto.init_args_num_gpus == gpus
+
+
+def test_explicit_share_and_bad_values() -> None:
+    assert simulation_resources(3, 2, 0.25, 1)["client-resources-num-gpus"] == 0.25
+    assert "client-resources-num-gpus" not in simulation_resources(3, 1, 0.0, 2)  # 0: sites stay on the CPU
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        simulation_resources(3, 1, 0.5, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        simulation_resources(3, 1, -1.0, 1)
