@@ -47,6 +47,7 @@ from strpnet_core.federation import (
     EVAL_COUNT_KEYS,
     EVAL_LABELLED_KEYS,
     EVAL_REPLY_KEYS,
+    EVAL_SECONDS_KEY,
     LIST_REPLY_KEYS,
     MIN_EVAL_PATIENTS,
     NUM_EXAMPLES_KEY,
@@ -284,9 +285,10 @@ def suppress_small_evaluation(
     With ``k = min_patients``, ``n = n_patients`` and ``m = n_labelled`` (patients with a recurrence mask), both
     read from ``metrics``:
 
-    - ``0 < n < k``: every key of :data:`strpnet_core.federation.EVAL_COUNT_KEYS` and ``num-examples`` becomes 0
-      (same types), so the site contributes nothing to the pooled metrics (at ``n = 1``, ``n_events``, ``loss_sum``
-      and the Dice sums are that patient's own event, loss and mask sizes);
+    - ``0 < n < k``: every key of :data:`strpnet_core.federation.EVAL_COUNT_KEYS`, ``num-examples`` and
+      ``eval-seconds`` becomes 0 (same types), so the site contributes nothing to the pooled metrics (at ``n = 1``,
+      ``n_events``, ``loss_sum`` and the Dice sums are that patient's own event, loss and mask sizes, and the compute
+      time grows with that patient's number of scans);
     - else ``0 < m < k``: the sums over labelled patients (:data:`strpnet_core.federation.EVAL_LABELLED_KEYS`: Dice
       sums and loss sum) become 0; the pair counts and numbers of patients/events stay.
 
@@ -309,7 +311,7 @@ def suppress_small_evaluation(
     out = dict(metrics)
     n = int(out.get("n_patients", 0))
     if 0 < n < min_patients:
-        keys: tuple[str, ...] = (*EVAL_COUNT_KEYS, NUM_EXAMPLES_KEY)
+        keys: tuple[str, ...] = (*EVAL_COUNT_KEYS, NUM_EXAMPLES_KEY, EVAL_SECONDS_KEY)
         what = f"the evaluation split has {n} patient(s)"
     elif 0 < (n_labelled := int(out.get("n_labelled", 0))) < min_patients:
         keys = EVAL_LABELLED_KEYS

@@ -59,6 +59,7 @@ from strpnet_core.federation import (
     AGGREGATIONS,
     DP_MODES,
     EVAL_COUNT_KEYS,
+    EVAL_SECONDS_KEY,
     NUM_EXAMPLES_KEY,
     TRAIN_METRIC_PREFIX,
     FederationConfig,
@@ -322,8 +323,12 @@ class STRPNetStrategyMixin:
             if step == "train":
                 row["train_examples"] = float(got[NUM_EXAMPLES_KEY])
                 row["train_loss"] = float(got[f"{TRAIN_METRIC_PREFIX}loss"])
+                if f"{TRAIN_METRIC_PREFIX}seconds" in got:
+                    row["train_seconds"] = float(got[f"{TRAIN_METRIC_PREFIX}seconds"])
             else:
                 row.update({k: float(got[k]) for k in EVAL_COUNT_KEYS})
+                if EVAL_SECONDS_KEY in got:
+                    row["eval_seconds"] = float(got[EVAL_SECONDS_KEY])
 
     def _train_check(self, content: RecordDict) -> str | None:
         return check_train_reply(content, self._reference or {})

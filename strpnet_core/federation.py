@@ -85,9 +85,12 @@ TRAIN_REPLY_KEYS: tuple[str, ...] = (
     NUM_EXAMPLES_KEY,
     *(f"{TRAIN_METRIC_PREFIX}{name}" for name in ("loss", "seconds", "dice", "bce", "cox")),
 )
-#: Privacy allow-list of an evaluate reply's MetricRecord: the evaluation counts, the risk-reference histogram counts
-#: and ``num-examples``. Add a new aggregate here (and only here) when the evaluate reply gains one.
-EVAL_REPLY_KEYS: tuple[str, ...] = (*EVAL_COUNT_KEYS, *RISK_HIST_KEYS, NUM_EXAMPLES_KEY)
+#: The site's compute time (s) of an evaluate message (model forward passes), like ``train-seconds`` for training:
+#: the server keeps the slowest site's (``eval_seconds_max``) so that benchmarks can tell compute from overhead.
+EVAL_SECONDS_KEY = "eval-seconds"
+#: Privacy allow-list of an evaluate reply's MetricRecord: the evaluation counts, the risk-reference histogram counts,
+#: ``num-examples`` and the compute time. Add a new aggregate here (and only here) when the evaluate reply gains one.
+EVAL_REPLY_KEYS: tuple[str, ...] = (*EVAL_COUNT_KEYS, *RISK_HIST_KEYS, NUM_EXAMPLES_KEY, EVAL_SECONDS_KEY)
 #: Reply keys whose value may be a list of numbers (e.g. a histogram as one key); every other key must be a scalar.
 LIST_REPLY_KEYS: tuple[str, ...] = ()
 #: A site whose evaluation split has fewer patients than this sends zeros for :data:`EVAL_COUNT_KEYS` and
@@ -704,7 +707,8 @@ def local_evaluate(
     -------
     dict
         :data:`EVAL_COUNT_KEYS` (pair counts, Dice sums, loss sum, numbers of patients and events),
-        :data:`RISK_HIST_KEYS` (counts) and ``num-examples`` (= evaluated patients). No per-patient value.
+        :data:`RISK_HIST_KEYS` (counts), ``num-examples`` (= evaluated patients) and ``eval-seconds`` (the forward
+        passes' compute time). No per-patient value.
     """
     from .risk_reference import dataset_risks, site_risk_histogram
     from .training import evaluate_model, seed_everything
@@ -714,6 +718,7 @@ def local_evaluate(
     model.load_state_dict(state_dict)
     train_set, val_set = site_splits(load_site_dataset(cache_dir), cfg, site_name)
     seed_everything(derive_seed(cfg.seed, "evaluate", site_name))
+    t0 = time.perf_counter()
     agg = evaluate_model(model, val_set, train_cfg)
     metrics = dict(agg.to_metrics())
     missing = [k for k in EVAL_COUNT_KEYS if k not in metrics]
@@ -725,6 +730,7 @@ def local_evaluate(
         out.update(site_risk_histogram(dataset_risks(model, train_set, train_cfg)))
     else:
         out.update(dict.fromkeys(RISK_HIST_KEYS, 0))
+    out[EVAL_SECONDS_KEY] = float(time.perf_counter() - t0)
     return out
 
 
@@ -801,11 +807,14 @@ def pool_eval_counts(replies: Sequence[Mapping[str, float | int]],
         - ``dice`` = 2 * dice_intersection / dice_denominator      (pooled over voxels; 1 when both empty),
         - ``loss`` = loss_sum / n_patients.
 
-        The risk-histogram counts :data:`RISK_HIST_KEYS` are summed too when the replies hold them.
+        The risk-histogram counts :data:`RISK_HIST_KEYS` are summed too when the replies hold them, and
+        ``eval-seconds-max`` is the slowest site's ``eval-seconds`` when the replies hold it.
     """
     check_reply_keys(replies, EVAL_COUNT_KEYS, what="evaluate", names=names)
     summed = EVAL_COUNT_KEYS + (RISK_HIST_KEYS if replies and all(k in replies[0] for k in RISK_HIST_KEYS) else ())
     pooled: dict[str, float] = {k: float(sum(float(r[k]) for r in replies)) for k in summed}
+    if replies and EVAL_SECONDS_KEY in replies[0]:  # the key sets were checked equal
+        pooled[f"{EVAL_SECONDS_KEY}-max"] = max(float(r[EVAL_SECONDS_KEY]) for r in replies)
     pooled.update(derived_eval_metrics(pooled))
     pooled["sites"] = float(len(replies))
     return pooled

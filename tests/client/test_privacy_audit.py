@@ -189,9 +189,10 @@ def test_allow_lists_cover_what_the_core_sends() -> None:
 
 def test_small_evaluation_split_sends_zero_counts() -> None:
     one = {**EvalAggregates(loss_sum=0.83, n_patients=1, n_events=1, dice_intersection=40,
-                            dice_denominator=95, n_labelled=1).to_metrics(), NUM_EXAMPLES_KEY: 1, "risk_hist_05": 7}
+                            dice_denominator=95, n_labelled=1).to_metrics(), NUM_EXAMPLES_KEY: 1, "risk_hist_05": 7,
+           "eval-seconds": 2.5}
     out = suppress_small_evaluation(one, 2)
-    assert all(out[k] == 0 for k in (*EVAL_COUNT_KEYS, NUM_EXAMPLES_KEY))
+    assert all(out[k] == 0 for k in (*EVAL_COUNT_KEYS, NUM_EXAMPLES_KEY, "eval-seconds"))
     assert isinstance(out["loss_sum"], float) and isinstance(out["n_patients"], int)
     assert out["risk_hist_05"] == 7  # not derived from the evaluation split
     assert suppress_small_evaluation(one, 1) == one

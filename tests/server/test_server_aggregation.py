@@ -95,6 +95,15 @@ def test_weighted_mean_of_site_c_is_not_the_federated_c() -> None:
     assert not math.isclose(pooled["c-index"], weighted, rel_tol=1e-6)
 
 
+def test_slowest_evaluation_time_is_kept() -> None:
+    rng = np.random.default_rng(3)
+    replies = [{**_eval_reply(*_site(rng, n)), "eval-seconds": s} for n, s in ((5, 4.0), (8, 9.5), (6, 1.0))]
+    assert pool_eval_counts(replies)["eval-seconds-max"] == 9.5
+    for r in replies:  # an older site version sends none: no maximum, no error
+        del r["eval-seconds"]
+    assert "eval-seconds-max" not in pool_eval_counts(replies)
+
+
 def test_no_comparable_pair_gives_nan_not_an_error() -> None:
     reply = {k: 0 for k in EVAL_COUNT_KEYS}
     reply["num-examples"] = 0
