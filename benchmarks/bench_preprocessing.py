@@ -8,7 +8,11 @@ every site, and prints
 - seconds per timepoint for each step (read, brain, register_modalities, n4, register_longitudinal, resample),
 - registration error vs truth (mean over the moving image's brain voxels y of |T(S(y)) - y|, mm) for the
   longitudinal T1c and the other modalities,
-- N4 (the pipeline's settings): correlation of the estimated and true log-bias inside the true brain mask,
+- N4 (the pipeline's settings): correlation of the estimated and true log-bias inside the true brain mask, also
+  restricted to images whose true log-bias varies enough for a correlation to mean something (std in the brain
+  >= 0.08), and the RMS of the residual ``(l - mean l) - (t - mean t)`` (l, t: estimated, true log-bias in the brain),
+- white-matter coefficient of variation (std / mean inside the true WM region, see :func:`truth_white_matter`) of
+  the bias-free image ``(I - offset) / B``, the written (biased) image I and the N4-corrected image,
 - brain extraction Dice vs the true mask (skull-on sites; the pipeline's atlas settings), z-score check on the cache.
 
 ``--cohort DIR --max-patients N`` takes the first N patients of every site of an existing cohort.
@@ -28,6 +32,8 @@ import SimpleITK as sitk
 
 def _truth_tx(path: Path) -> sitk.Transform:
     return sitk.ReadTransform(str(path))
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                  "--preset", args.preset, "--seed", str(args.seed), "--no-png", "--no-progress"])
     settings = PipelineSettings.from_preset(args.preset)
     steps: dict[str, list[float]] = {}
-    reg_long, reg_mod, n4_corr, dices, zchk = [], [], [], [], []
+    reg_long, reg_mod, n4_corr, n4_corr_varied, n4_resid, dices, zchk = [], [], [], [], [], [], []
+    wm_cv: dict[str, list[float]] = {"bias-free (I - offset) / B": [], "written (biased) I": [], "N4-corrected": []}
+    from strpnet_core.synth.truth_regions import coefficient_of_variation, truth_white_matter, white_matter_probability
+
+    preset = json.loads((cohort / "truth" / "cohort.json").read_text())["preset"]
+    site_profiles = {s["name"]: s for s in json.loads((cohort / "truth" / "cohort.json").read_text())["sites"]}
     t_all = time.perf_counter()
     for site_dir in sorted(p for p in cohort.iterdir() if p.name.startswith("site-")):
         out = args.work / f"cache-{args.preset}" / site_dir.name
@@ -68,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         truth = cohort / "truth" / site_dir.name
         for rec in index.patients[: args.max_patients]:
             tdir = truth / rec.patient_id
+            info = json.loads((tdir / "truth.json").read_text())
+            pwm_ref = white_matter_probability(info, preset)
+            offset = float(site_profiles[site_dir.name]["intensity_offset"])
             est: dict = {}
             r = preprocess_patient(rec, site_name=index.site_name, out_dir=out, preset=args.preset, seed=args.seed,
                                    transforms_out=est)
@@ -87,11 +101,23 @@ def main(argv: list[str] | None = None) -> int:
                         (reg_long if m == "t1c" else reg_mod).append(err)
                     bias_file = tdir / f"{rec.patient_id}-{scan.timepoint}-{m}-bias.nii.gz"
                     if bias_file.exists():
-                        _, lb = n4_correct(img, mmask, fit_spacing_mm=settings.n4_fit_spacing_mm,
-                                           iterations=settings.n4_iterations, control_points=settings.n4_control_points)
+                        corr_img, lb = n4_correct(img, mmask, fit_spacing_mm=settings.n4_fit_spacing_mm,
+                                                  iterations=settings.n4_iterations,
+                                                  control_points=settings.n4_control_points,
+                                                  fit_erode_mm=settings.n4_fit_erode_mm)
                         mk = sitk.GetArrayViewFromImage(mmask) > 0
-                        true_log = np.log(np.maximum(sitk.GetArrayFromImage(sitk.ReadImage(str(bias_file))), 1e-6))
-                        n4_corr.append(float(np.corrcoef(sitk.GetArrayFromImage(lb)[mk], true_log[mk])[0, 1]))
+                        true_bias = np.maximum(sitk.GetArrayFromImage(sitk.ReadImage(str(bias_file))), 1e-6)
+                        tl, el = np.log(true_bias)[mk], sitk.GetArrayFromImage(lb)[mk].astype(np.float64)
+                        n4_corr.append(float(np.corrcoef(el, tl)[0, 1]))
+                        if tl.std() >= 0.08:
+                            n4_corr_varied.append(n4_corr[-1])
+                        n4_resid.append(float(np.sqrt(np.mean(((el - el.mean()) - (tl - tl.mean())) ** 2))))
+                        arr = sitk.GetArrayFromImage(img).astype(np.float64)
+                        clean = (arr - offset) / true_bias
+                        wm = truth_white_matter(img, clean, mk, _truth_tx(tfile), info, pwm_ref)
+                        if wm.sum() >= 20:
+                            for key, a in zip(wm_cv, (clean, arr, sitk.GetArrayFromImage(corr_img))):
+                                wm_cv[key].append(coefficient_of_variation(a, wm))
                 t1c = sitk.ReadImage(str(scan.images["t1c"]), sitk.sitkFloat32)
                 bm, method = brain_mask(t1c, seed=args.seed, settings=settings.brain_linear)
                 if method == "atlas":
@@ -113,11 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'total':<24}{sum(np.mean(v) for v in steps.values()):>18.2f}")
 
     def fmt(v: list[float]) -> str:
-        return f"mean {np.mean(v):.3f} max {np.max(v):.3f} (n={len(v)})" if v else "n/a"
+        return f"mean {np.mean(v):.3f} min {np.min(v):.3f} max {np.max(v):.3f} (n={len(v)})" if v else "n/a"
 
     print(f"registration error T1c -> pre-op (mm): {fmt(reg_long)}")
     print(f"registration error other modalities (mm): {fmt(reg_mod)}")
     print(f"N4 corr(estimated, true log-bias): {fmt(n4_corr)}")
+    print(f"N4 corr, images with true log-bias std >= 0.08 in the brain: {fmt(n4_corr_varied)}")
+    print(f"N4 residual log-bias RMS (mean-free): {fmt(n4_resid)}")
+    print("white-matter CV (std / mean in the true WM region), per image:")
+    for key, v in wm_cv.items():
+        print(f"  {key:<28}{fmt(v)}")
+    if wm_cv["N4-corrected"]:
+        ratio = np.asarray(wm_cv["N4-corrected"]) / np.asarray(wm_cv["bias-free (I - offset) / B"])
+        print(f"  N4 / bias-free ratio        mean {ratio.mean():.3f} max {ratio.max():.3f}")
     print(f"brain extraction Dice (skull-on scans): {fmt(dices)}")
     print(f"z-score max deviation (|mean|, |std-1|, |background|): {fmt(zchk)}")
     return 0

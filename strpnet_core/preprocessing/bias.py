@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+#: The eroded fit mask is used only when it keeps at least this fraction of the brain mask's voxels.
+MIN_FIT_FRACTION = 0.5
+
 
 def n4_correct(
     image: sitk.Image,
@@ -15,6 +18,7 @@ def n4_correct(
     iterations: tuple[int, ...] = (50, 50, 30),
     control_points: int = 4,
     convergence: float = 1e-3,
+    fit_erode_mm: float = 2.0,
 ) -> tuple[sitk.Image, sitk.Image]:
     """N4 bias-field correction inside a mask.
 
@@ -24,7 +28,19 @@ def n4_correct(
     ``max(1, round(fit_spacing_mm / spacing))``, so the fit grid is about ``fit_spacing_mm`` whatever the scan
     resolution: a fixed factor of 4 leaves a 4 mm scan with a 16 mm, 12-voxel fit that cannot separate bias from
     anatomy; at least 8 voxels are kept along each axis); iterations stop per level at ``convergence``
-    (coefficient of variation change of the corrected log-image).  The log-bias is then
+    (coefficient of variation change of the corrected log-image).
+
+    The fit uses ``mask`` eroded by ``fit_erode_mm`` (a ball of ``max(1, round(fit_erode_mm / spacing))`` voxels per
+    axis, i.e. one voxel at 2-4 mm; 0 = no erosion; the un-eroded mask when erosion would keep fewer than
+    ``MIN_FIT_FRACTION`` of its voxels): the outermost layer holds partial-volume voxels mixing brain with CSF,
+    bone or scalp (skull-on scans, and every modality other than the one the mask came from is a few mm off),
+    whose intensities are not ``B * J`` of a brain tissue class and pull the smooth fit.  Against the synthetic
+    truth (per image: correlation of estimated and true log-bias in the brain, RMS of the mean-free residual),
+    one voxel of erosion took ci seed 7 (36 images) from corr 0.921 mean / 0.658 min, RMS 0.050 to 0.940 / 0.819,
+    0.044; ci seed 11 (36) 0.883 / 0.495, 0.052 -> 0.915 / 0.696, 0.043; demo (52 images) 0.820 / -0.02, 0.045
+    -> 0.839 / 0.06, 0.043, at no extra cost (the fit mask is smaller).  Two voxels at demo: no better.
+
+    The log-bias is then
     evaluated at full resolution (``GetLogBiasFieldAsImage``) and ``J = I / exp(log B)`` is returned.
 
     Returns
@@ -49,14 +65,21 @@ def n4_correct(
     work_arr = np.where(marr, np.maximum(arr, max(floor, 1e-6)), np.maximum(arr, 0))
     work = sitk.GetImageFromArray(work_arr.astype(np.float32))
     work.CopyInformation(img)
+    fit = m
+    if fit_erode_mm > 0:
+        radius = [max(1, int(round(fit_erode_mm / sp))) for sp in img.GetSpacing()]
+        eroded = sitk.BinaryErode(m, radius, sitk.sitkBall)
+        n_eroded = int(np.count_nonzero(sitk.GetArrayViewFromImage(eroded)))
+        if n_eroded >= MIN_FIT_FRACTION * int(np.count_nonzero(marr)):
+            fit = eroded
     # Shrink per axis, keeping at least 8 voxels along each (thick-slice volumes have few slices).
     if shrink is None:
         shrink = max(1, int(round(fit_spacing_mm / min(img.GetSpacing()))))
     s = [max(1, min(int(shrink), n // 8)) for n in img.GetSize()]
     small = sitk.Shrink(work, s) if max(s) > 1 else work
-    small_mask = sitk.Shrink(m, s) if max(s) > 1 else m
+    small_mask = sitk.Shrink(fit, s) if max(s) > 1 else fit
     if int(np.count_nonzero(sitk.GetArrayViewFromImage(small_mask))) == 0:
-        small_mask = sitk.Cast(sitk.Resample(m, small, sitk.Transform(), sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
+        small_mask = sitk.Cast(sitk.Resample(fit, small, sitk.Transform(), sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
     n4.SetNumberOfControlPoints([int(control_points)] * 3)

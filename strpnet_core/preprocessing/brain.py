@@ -20,6 +20,15 @@ STRIPPED_MIN_ZERO_FRACTION = 0.25
 STRIPPED_VOLUME_ML = (600.0, 2300.0)
 #: ... and one connected component holds this fraction of the non-zero voxels.
 STRIPPED_MIN_COMPONENT_FRACTION = 0.95
+#: Atlas prior: the affine template -> image is used only when all singular values of its matrix lie in this range
+#: (heads differ from the template by a few tens of per cent at most); else the rigid stage's prior is used.
+ATLAS_AFFINE_SCALE_RANGE = (0.8, 1.25)
+#: Refinement: the mask may grow this far (mm, rounded to >= 1 voxel) beyond the atlas prior ...
+REFINE_BAND_MM = 6.0
+#: ... over voxels brighter than this fraction of the Otsu threshold (brain vs CSF/bone) ...
+REFINE_THRESHOLD_FRACTION = 0.7
+#: ... and is opened by this many voxels (cuts thin bridges to the scalp).
+REFINE_OPENING_VOXELS = 2
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -100,8 +109,15 @@ def atlas_brain_mask(
     1. Rigid then affine registration (Mattes MI) of the image (moving) to the MNI152 template (fixed), the
        metric restricted to the template's brain mask dilated by 10 mm; the template brain mask is mapped back
        onto the image grid with the resulting transform (nearest neighbour): the prior ``P``.
-    2. Refinement: Otsu threshold ``t`` of the intensities inside ``P`` dilated by 2 voxels (brain vs CSF/skull);
-       mask = (I > 0.5 t) within ``P`` dilated by 1 voxel, opened by 1 voxel, largest component, holes filled.
+    2. Refinement: Otsu threshold ``t`` of the intensities inside ``P`` dilated by ``b + 1`` voxels (brain vs
+       CSF/skull), ``b = max(1, round(REFINE_BAND_MM / spacing))``; mask = (I > 0.7 t) within ``P`` dilated by
+       ``b`` voxels, opened by 2 voxels, largest component, holes filled.
+
+    Guard: when a singular value of the affine matrix leaves ``ATLAS_AFFINE_SCALE_RANGE`` (an MI optimum that
+    stretched the template over the scalp: 1.17-1.30 on one ci follow-up, prior Dice 0.74), the rigid prior is
+    used instead.  Settings measured against the synthetic truth (skull-on T1c, Dice): ci (4 mm, seeds 7/11/21,
+    18 scans) 0.947 mean / 0.745 min -> 0.961 / 0.920; demo (2 mm, 14 scans) 0.973 / 0.964 -> 0.982 / 0.972
+    (the old rule: I > 0.5 t within P dilated by 1 voxel, opened by 1 voxel, no guard).
 
     Raises
     ------
@@ -113,18 +129,22 @@ def atlas_brain_mask(
     dil = sitk.BinaryDilate(tmask, [max(1, int(round(10.0 / s))) for s in tmask.GetSpacing()])
     rig = register_rigid(template, img, fixed_mask=dil, settings=settings, seed=seed)
     aff = register_affine(template, img, rigid=rig.transform, fixed_mask=dil, settings=settings, seed=seed)
-    # aff maps template -> image; the mask is needed on the image grid: resample with the inverse.
-    inverse = aff.transform.GetInverse()
+    singular = np.linalg.svd(np.asarray(aff.transform.GetMatrix()).reshape(3, 3), compute_uv=False)
+    lo, hi = ATLAS_AFFINE_SCALE_RANGE
+    chosen = aff.transform if bool(np.all((singular >= lo) & (singular <= hi))) else rig.transform
+    # chosen maps template -> image; the mask is needed on the image grid: resample with the inverse.
+    inverse = chosen.GetInverse()
     prior = sitk.GetArrayFromImage(resample_mask_like(tmask, img, inverse)) > 0
     if not prior.any():
         raise ValueError("atlas brain extraction: the propagated atlas mask is empty")
     arr = sitk.GetArrayFromImage(img)
     struct = ndimage.generate_binary_structure(3, 1)
-    wide = ndimage.binary_dilation(prior, struct, iterations=2)
+    band = max(1, int(round(REFINE_BAND_MM / min(img.GetSpacing()))))
+    wide = ndimage.binary_dilation(prior, struct, iterations=band + 1)
     values = arr[wide]
     t = _otsu(values)
-    mask = (arr > 0.5 * t) & ndimage.binary_dilation(prior, struct, iterations=1)
-    mask = ndimage.binary_opening(mask, struct, iterations=1)
+    mask = (arr > REFINE_THRESHOLD_FRACTION * t) & ndimage.binary_dilation(prior, struct, iterations=band)
+    mask = ndimage.binary_opening(mask, struct, iterations=REFINE_OPENING_VOXELS)
     if not mask.any():
         raise ValueError("atlas brain extraction: the refined mask is empty")
     mask = _fill_holes(_largest_component(mask))

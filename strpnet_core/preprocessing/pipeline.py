@@ -63,7 +63,7 @@ from .resample import (
 log = logging.getLogger(__name__)
 
 #: Bump when the pipeline's output changes for the same settings (invalidates resumed caches).
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 STEPS: tuple[str, ...] = ("read", "brain", "register_modalities", "n4", "register_longitudinal", "resample")
 
 
@@ -87,6 +87,8 @@ class PipelineSettings:
     n4_fit_spacing_mm: float = 8.0
     n4_iterations: tuple[int, ...] = (50, 50, 30)
     n4_control_points: int = 4
+    #: N4 fits inside the brain mask eroded by this much (partial-volume border left out, see ``n4_correct``).
+    n4_fit_erode_mm: float = 2.0
     image_dtype: str = "float16"
 
     @classmethod
@@ -284,7 +286,8 @@ def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: 
             mmask = own if own is not None else resample_mask_like(mask, raw[m])
         try:
             corrected[m], _ = n4_correct(raw[m], mmask, fit_spacing_mm=settings.n4_fit_spacing_mm,
-                                         iterations=settings.n4_iterations, control_points=settings.n4_control_points)
+                                         iterations=settings.n4_iterations, control_points=settings.n4_control_points,
+                                         fit_erode_mm=settings.n4_fit_erode_mm)
         except (RuntimeError, ValueError) as exc:
             raise PreprocessError(patient_id, "n4", str(exc), timepoint=tp, modality=m, path=scan.images[m]) from exc
     steps["n4"] = time.perf_counter() - t0

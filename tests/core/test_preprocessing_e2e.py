@@ -112,17 +112,30 @@ def test_registration_accuracy_vs_truth(cohort: Path, processed: dict) -> None:
 
 def test_n4_brain_and_zscore(cohort: Path, processed: dict) -> None:
     from strpnet_core.preprocessing.bias import n4_correct
+    from strpnet_core.synth.truth_regions import coefficient_of_variation, truth_white_matter, white_matter_probability
 
-    corrs, dices = [], []
+    sites = {s["name"]: s for s in json.loads((cohort / "truth" / "cohort.json").read_text())["sites"]}
+    corrs, dices, cv_clean, cv_in, cv_n4 = [], [], [], [], []
     for pid, (site, rec, res, _) in processed["patients"].items():
         tdir = cohort / "truth" / site / pid
+        info = json.loads((tdir / "truth.json").read_text())
+        pwm = white_matter_probability(info, "ci")
         for scan in rec.scans[:2]:
             tmask = sitk.ReadImage(str(tdir / f"{pid}-{scan.timepoint}-brainmask.nii.gz"))
             img = sitk.ReadImage(str(scan.images["t1c"]), sitk.sitkFloat32)
-            _, lb = n4_correct(img, tmask)
+            corrected, lb = n4_correct(img, tmask)
             mk = sitk.GetArrayViewFromImage(tmask) > 0
-            true_log = np.log(sitk.GetArrayFromImage(sitk.ReadImage(str(tdir / f"{pid}-{scan.timepoint}-t1c-bias.nii.gz"))))
+            bias = sitk.GetArrayFromImage(sitk.ReadImage(str(tdir / f"{pid}-{scan.timepoint}-t1c-bias.nii.gz")))
+            true_log = np.log(bias)
             corrs.append(np.corrcoef(sitk.GetArrayFromImage(lb)[mk], true_log[mk])[0, 1])
+            arr = sitk.GetArrayFromImage(img).astype(np.float64)
+            clean = (arr - sites[site]["intensity_offset"]) / bias
+            truth_s = sitk.ReadTransform(str(tdir / f"{pid}-{scan.timepoint}-t1c.tfm"))
+            wm = truth_white_matter(img, clean, np.asarray(mk), truth_s, info, pwm)
+            assert wm.sum() > 500
+            cv_clean.append(coefficient_of_variation(clean, wm))
+            cv_in.append(coefficient_of_variation(arr, wm))
+            cv_n4.append(coefficient_of_variation(sitk.GetArrayFromImage(corrected), wm))
             if site == "site-02":  # skull-on site: atlas brain extraction
                 bm, method = brain_mask(img, seed=0)
                 assert method == "atlas"
@@ -132,9 +145,16 @@ def test_n4_brain_and_zscore(cohort: Path, processed: dict) -> None:
         x = cached.images.astype(np.float64)
         assert np.abs(x[:, :, m].mean(-1)).max() < 1e-2 and np.abs(x[:, :, m].std(-1) - 1).max() < 1e-2
         assert np.all(x[:, :, ~m] == 0)
-    # Mean over scans meets 0.85; single scans dip (0.66 seen on a stripped follow-up): floor 0.6.
-    assert np.mean(corrs) >= 0.85 and min(corrs) >= 0.6
-    # Target 0.97 per scan: met on the pre-op scan (0.973), not on the follow-up (0.958): floor 0.95.
+    print(f"N4 corr {np.round(corrs, 3)}; WM CV clean {np.round(cv_clean, 4)} input {np.round(cv_in, 4)} "
+          f"N4 {np.round(cv_n4, 4)}; atlas Dice {np.round(dices, 4)}")
+    # Mean over scans meets 0.85 (measured 0.911 with the eroded N4 fit mask); single scans dip where the true field
+    # is nearly flat (0.819 on a stripped follow-up, 0.66 before the eroded fit; same minimum on seed 11): floor 0.75.
+    assert np.mean(corrs) >= 0.85 and min(corrs) >= 0.75
+    # White-matter CV back near the bias-free value (measured N4 / bias-free <= 1.01; 1.09 over all 36 images of
+    # seed 11) and well below the biased input's.
+    assert max(np.divide(cv_n4, cv_clean)) <= 1.15 and np.mean(cv_n4) < 0.8 * np.mean(cv_in)
+    # Target 0.97 per scan: met on the pre-op scan (0.980), not on the follow-up (0.961; 0.958 before the
+    # refinement change).  At 4 mm even the true mask refined gives <= 0.968 (docs/preprocessing.md): floor 0.95.
     assert dices and min(dices) >= 0.95
 
 
