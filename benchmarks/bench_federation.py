@@ -126,7 +126,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _start_logged(cmd: list[str], log: Path, env: dict[str, str], t0: float,
                   readers: list[threading.Thread]) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in the repository in its own session (so that stop_process stops its whole group); a thread
-    copies its output to ``log``, each line prefixed with the seconds since ``t0`` (Flower's lines carry no time)."""
+    copies its output to ``log`` (created here, so that a reader may poll it at once), each line prefixed with the
+    seconds since ``t0`` (Flower's lines carry no time)."""
+    log.touch()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             cwd=REPO, start_new_session=True)
 
