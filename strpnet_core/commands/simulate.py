@@ -220,7 +220,7 @@ def simulate(
         if not (data / "truth" / "cohort.json").is_file():
             from ..synth import generate_cohort
 
-            print(f"[1/3] generating the synthetic {preset} cohort: {n_sites} sites, ~{patients} patients each "
+            print(f"[1/3] generating the synthetic {preset} cohort: {n_sites} sites, patients per site: {patients} "
                   f"-> {data}", flush=True)
             t0 = time.monotonic()
             cohort = generate_cohort(data, sites=n_sites, patients=patients, preset=preset, seed=seed,
