@@ -34,8 +34,6 @@ def _truth_tx(path: Path) -> sitk.Transform:
     return sitk.ReadTransform(str(path))
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo")
@@ -70,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     wm_cv: dict[str, list[float]] = {"bias-free (I - offset) / B": [], "written (biased) I": [], "N4-corrected": []}
     from strpnet_core.synth.truth_regions import coefficient_of_variation, truth_white_matter, white_matter_probability
 
-    preset = json.loads((cohort / "truth" / "cohort.json").read_text())["preset"]
-    site_profiles = {s["name"]: s for s in json.loads((cohort / "truth" / "cohort.json").read_text())["sites"]}
+    cohort_truth = json.loads((cohort / "truth" / "cohort.json").read_text())
+    preset = cohort_truth["preset"]
+    site_profiles = {s["name"]: s for s in cohort_truth["sites"]}
     t_all = time.perf_counter()
     for site_dir in sorted(p for p in cohort.iterdir() if p.name.startswith("site-")):
         out = args.work / f"cache-{args.preset}" / site_dir.name
