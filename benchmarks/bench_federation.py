@@ -15,8 +15,8 @@ overhead target <= 10% at the demo preset in deployment"). Writes site caches di
 T=3 timepoints, 4 modalities, float16 like the preprocessing's), makes certificates and site keys with
 deploy/make_certs.sh, starts ``flower-server`` (TLS + SuperNode authentication, its own state dir and FLWR_HOME) and
 one ``flower-client`` per site, each a separate process, with the DEFAULT model and ``--local-epochs`` (default 1),
-then reads RUN_DIR/metrics.json. Per round it prints the round's wall time (``round_seconds``), the slowest site's compute
-time of its train message (``train_seconds_max``, from the sites' ``train-seconds``) and of its evaluate message
+then reads RUN_DIR/metrics.json. Per round it prints the round's wall time (``round_seconds``), the slowest site's
+compute time of its train message (``train_seconds_max``, from the sites' ``train-seconds``) and of its evaluate message
 (``eval_seconds_max``, from ``eval-seconds``: the forward passes over the held-out split, and over the training split
 for the risk reference in the last round), and
 
