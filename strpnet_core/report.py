@@ -426,7 +426,6 @@ def evaluate_test_set(
 
     from .cache import list_cache, load_cached_patient
     from .dataset import PatientDataset, collate_patients, patient_to_item
-    from .risk_reference import dataset_risks
     from .training import evaluate_model, load_trained_model, predict_batch
 
     cache = Path(cache_dir)
@@ -454,8 +453,9 @@ def evaluate_test_set(
         raise ReportError(f"--test-cache {cache}: no patient has an outcome (event, time): nothing to evaluate")
     subset = Subset(dataset, keep)
     try:
-        agg = evaluate_model(model, subset, cfg)
-        risks = dataset_risks(model, subset, cfg)
+        risk_list: list[float] = []
+        agg = evaluate_model(model, subset, cfg, risks_out=risk_list)
+        risks = np.asarray(risk_list, dtype=np.float64)
     except (ValueError, RuntimeError) as exc:
         raise ReportError(f"the model of {model_path} cannot run on the patients of {cache}: {exc}") from None
     times = np.array([float(heads[i].time) for i in keep])

@@ -574,13 +574,16 @@ def _forward_eval(model: nn.Module, batch: Mapping[str, Any], device: torch.devi
 
 
 def evaluate_model(
-    model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, progress: bool = False
+    model: nn.Module, dataset: Dataset[Any], cfg: TrainConfig, *, progress: bool = False,
+    risks_out: list[float] | None = None,
 ) -> EvalAggregates:
     """Evaluate ``model`` on ``dataset``; return aggregates only (see :class:`EvalAggregates`).
 
     Runs in eval mode (no dropout) with ``cfg``'s device, precision and batch size; the result does not depend on
     the batch size (per-sample normalisation, padding-invariant model, per-patient loss). Risks are collected on
     the site only to count concordant pairs at the end (``metrics.concordance_counts``, O(n log n)).
+    ``risks_out``, when given, is extended with the per-patient risks in dataset order: for the coordinator's own
+    test patients (``strpnet report``), never for a site's reply.
 
     Raises
     ------
@@ -615,6 +618,8 @@ def evaluate_model(
             times.append(b["time"].cpu().double().numpy())
             events.append(b["event"].cpu().double().numpy())
     r, t, e = (np.concatenate(x) for x in (risks, times, events))
+    if risks_out is not None:
+        risks_out.extend(r.tolist())
     cc = concordance_counts(r, t, e)
     return EvalAggregates(
         concordant=cc.concordant, discordant=cc.discordant, tied_risk=cc.tied_risk, comparable=cc.comparable,

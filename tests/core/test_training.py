@@ -133,7 +133,8 @@ def test_evaluate_aggregates_add_up_over_halves() -> None:
     model = _model(ModelConfig(widths=(4, 8), lstm_hidden=4, risk_hidden=4))
     cfg1 = TrainConfig(batch_size=1, precision="fp32", num_threads=1)
     cfg3 = TrainConfig(batch_size=3, precision="fp32", num_threads=1)
-    whole = evaluate_model(model, data, cfg3)
+    kept: list[float] = []
+    whole = evaluate_model(model, data, cfg3, risks_out=kept)
     h1, h2 = evaluate_model(model, data[:5], cfg1), evaluate_model(model, data[5:], cfg3)
     total = h1 + h2
     for key in ("dice_intersection", "dice_denominator", "n_patients", "n_events"):
@@ -146,6 +147,7 @@ def test_evaluate_aggregates_add_up_over_halves() -> None:
     events = np.array([float(d["event"]) for d in data])
     r = risk.numpy()
     assert whole.concordance == concordance_counts(r, times, events)
+    np.testing.assert_allclose(kept, r, rtol=1e-6, atol=1e-7)  # risks_out: the same risks, in dataset order
     assert total.concordance == concordance_counts(r[:5], times[:5], events[:5]) + concordance_counts(
         r[5:], times[5:], events[5:])
     # batch size does not change the result (padding invariance, per-patient loss)
