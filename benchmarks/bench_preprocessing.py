@@ -11,8 +11,9 @@ every site, and prints
 - N4 (the pipeline's settings): correlation of the estimated and true log-bias inside the true brain mask, also
   restricted to images whose true log-bias varies enough for a correlation to mean something (std in the brain
   >= 0.08), and the RMS of the residual ``(l - mean l) - (t - mean t)`` (l, t: estimated, true log-bias in the brain),
-- white-matter coefficient of variation (std / mean inside the true WM region, see :func:`truth_white_matter`) of
-  the bias-free image ``(I - offset) / B``, the written (biased) image I and the N4-corrected image,
+- white-matter coefficient of variation (std / mean inside the true WM region) of the bias-free image
+  ``(I - offset) / B``, the written (biased) image I and the N4-corrected image (the N4 scores come from
+  ``strpnet_core.synth.truth_regions.score_bias_correction``),
 - brain extraction Dice vs the true mask (skull-on sites; the pipeline's atlas settings), z-score check on the cache.
 
 ``--cohort DIR --max-patients N`` takes the first N patients of every site of an existing cohort.
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     steps: dict[str, list[float]] = {}
     reg_long, reg_mod, n4_corr, n4_corr_varied, n4_resid, dices, zchk = [], [], [], [], [], [], []
     wm_cv: dict[str, list[float]] = {"bias-free (I - offset) / B": [], "written (biased) I": [], "N4-corrected": []}
-    from strpnet_core.synth.truth_regions import coefficient_of_variation, truth_white_matter, white_matter_probability
+    from strpnet_core.synth.truth_regions import score_bias_correction, white_matter_probability
 
     cohort_truth = json.loads((cohort / "truth" / "cohort.json").read_text())
     preset = cohort_truth["preset"]
@@ -104,19 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                                                   iterations=settings.n4_iterations,
                                                   control_points=settings.n4_control_points,
                                                   fit_erode_mm=settings.n4_fit_erode_mm)
-                        mk = sitk.GetArrayViewFromImage(mmask) > 0
-                        true_bias = np.maximum(sitk.GetArrayFromImage(sitk.ReadImage(str(bias_file))), 1e-6)
-                        tl, el = np.log(true_bias)[mk], sitk.GetArrayFromImage(lb)[mk].astype(np.float64)
-                        n4_corr.append(float(np.corrcoef(el, tl)[0, 1]))
-                        if tl.std() >= 0.08:
-                            n4_corr_varied.append(n4_corr[-1])
-                        n4_resid.append(float(np.sqrt(np.mean(((el - el.mean()) - (tl - tl.mean())) ** 2))))
-                        arr = sitk.GetArrayFromImage(img).astype(np.float64)
-                        clean = (arr - offset) / true_bias
-                        wm = truth_white_matter(img, clean, mk, _truth_tx(tfile), info, pwm_ref)
-                        if wm.sum() >= 20:
-                            for key, a in zip(wm_cv, (clean, arr, sitk.GetArrayFromImage(corr_img))):
-                                wm_cv[key].append(coefficient_of_variation(a, wm))
+                        mk = sitk.GetArrayFromImage(mmask) > 0
+                        true_bias = sitk.GetArrayFromImage(sitk.ReadImage(str(bias_file)))
+                        sc = score_bias_correction(img, corr_img, lb, mk, true_bias, offset, _truth_tx(tfile), info,
+                                                   pwm_ref)
+                        n4_corr.append(sc.corr)
+                        if sc.true_log_std >= 0.08:
+                            n4_corr_varied.append(sc.corr)
+                        n4_resid.append(sc.residual_rms)
+                        if sc.wm_voxels >= 20:
+                            for key, cv in zip(wm_cv, (sc.cv_clean, sc.cv_written, sc.cv_corrected)):
+                                wm_cv[key].append(cv)
                 t1c = sitk.ReadImage(str(scan.images["t1c"]), sitk.sitkFloat32)
                 bm, method = brain_mask(t1c, seed=args.seed, settings=settings.brain_linear)
                 if method == "atlas":

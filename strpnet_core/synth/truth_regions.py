@@ -7,6 +7,7 @@ probabilities on the reference grid exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,3 +66,50 @@ def coefficient_of_variation(arr: np.ndarray, region: np.ndarray) -> float:
     """Coefficient of variation ``std / mean`` of ``arr`` over ``region``."""
     v = arr[region].astype(np.float64)
     return float(v.std() / v.mean())
+
+
+@dataclass(frozen=True)
+class BiasScores:
+    """How well an N4 estimate matches the true bias field of one written image (see :func:`score_bias_correction`).
+
+    ``corr``: Pearson correlation of estimated and true log-bias in the brain; ``residual_rms``: RMS of the mean-free
+    difference of the two; ``true_log_std``: std of the true log-bias in the brain (near 0: a flat field, whose
+    correlation means little); ``wm_voxels``: size of the true white-matter region; ``cv_clean``, ``cv_written``,
+    ``cv_corrected``: white-matter coefficient of variation of the bias-free, written and corrected images (NaN
+    when the region is empty).
+    """
+
+    corr: float
+    residual_rms: float
+    true_log_std: float
+    wm_voxels: int
+    cv_clean: float
+    cv_written: float
+    cv_corrected: float
+
+
+def score_bias_correction(
+    image: sitk.Image, corrected: sitk.Image, log_bias: sitk.Image, brain: np.ndarray, true_bias: np.ndarray,
+    offset: float, truth_s: sitk.Transform, truth_info: dict, pwm_reference: sitk.Image,
+) -> BiasScores:
+    """Score an N4 result of a written image ``I`` against the generator's truth.
+
+    With the true bias ``B`` (floored at 1e-6), the estimated log-bias ``l`` and the brain mask (bool, numpy layout):
+    ``corr = corr(l, log B)`` and ``residual_rms = sqrt(mean(((l - mean l) - (log B - mean log B))^2))`` over the
+    brain; the bias-free image is ``c = (I - offset) / B`` (the generator writes ``scale * B * J + offset``), the
+    white-matter region is :func:`truth_white_matter` and each CV is ``std / mean`` over it.
+    """
+    b = np.maximum(np.asarray(true_bias, dtype=np.float64), 1e-6)
+    tl = np.log(b)[brain]
+    el = sitk.GetArrayFromImage(log_bias)[brain].astype(np.float64)
+    arr = sitk.GetArrayFromImage(image).astype(np.float64)
+    clean = (arr - float(offset)) / b
+    wm = truth_white_matter(image, clean, brain, truth_s, truth_info, pwm_reference)
+    n = int(wm.sum())
+    cvs = [coefficient_of_variation(a, wm) if n else float("nan")
+           for a in (clean, arr, sitk.GetArrayFromImage(corrected))]
+    return BiasScores(
+        corr=float(np.corrcoef(el, tl)[0, 1]),
+        residual_rms=float(np.sqrt(np.mean(((el - el.mean()) - (tl - tl.mean())) ** 2))),
+        true_log_std=float(tl.std()), wm_voxels=n, cv_clean=cvs[0], cv_written=cvs[1], cv_corrected=cvs[2],
+    )
