@@ -65,6 +65,22 @@ class BSplineSettings:
     iterations: int = 15
 
 
+@dataclass(frozen=True)
+class DemonsSettings:
+    """Settings of the dense refinement stage (symmetric-forces demons, see :func:`register_demons`).
+
+    ``sigma_mm``: standard deviation (mm) of the Gaussian that regularises the displacement field after every
+    iteration; ``iterations``: number of demons iterations.  Measured on ci follow-up T1c against the truth (4 mm,
+    the N4-corrected images of the pipeline, after its rigid + affine): on 9 scans of the seed 11/21 cohorts
+    (affine 1.22-2.31 mm) sigma 2 mm took the mean error 27 % down (1 and 1.5 mm: less, 3 mm 20 %, 4 mm 16 %) and
+    worsened 1 scan (1.22 -> 1.28 mm); on the 6 of seed 7 sigma 2 mm 18 %, 3 mm 24 %; 50 and 100-300 iterations
+    give the same; diffeomorphic demons is no better than symmetric forces.  1-3 CPU s per follow-up at 4 mm.
+    """
+
+    sigma_mm: float = 2.0
+    iterations: int = 50
+
+
 @dataclass
 class RegistrationResult:
     """A transform (fixed point -> moving point), the final metric value (Mattes MI: lower = better, negative),
@@ -296,6 +312,80 @@ def register_bspline(
     return RegistrationResult(current, metric, stop, secs, {"bspline": {"metric": metric, "seconds": secs, "stop": stop}})
 
 
+def _zscore_in(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
+    """``(I - mean) / std`` inside ``mask`` (same grid), 0 outside; float32."""
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    inside = sitk.GetArrayViewFromImage(mask) > 0
+    out = np.zeros_like(arr)
+    values = arr[inside]
+    if values.size < 2 or float(values.std()) == 0.0:
+        raise RegistrationError("demons: the brain mask holds no intensity variation to register")
+    out[inside] = (values - values.mean()) / values.std()
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(image)
+    return img
+
+
+def register_demons(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    linear: sitk.Transform,
+    fixed_mask: sitk.Image,
+    moving_mask: sitk.Image,
+    settings: DemonsSettings = DemonsSettings(),
+) -> RegistrationResult:
+    """Dense refinement of a same-modality registration: ``T = L ∘ (id + u)`` with ``u`` a displacement field on
+    the fixed grid.
+
+    Both images are z-scored inside their own brain masks (intensities must be comparable: demons matches them,
+    it does not learn a joint histogram like MI), the moving one is resampled once through ``L`` onto the fixed
+    grid (``M'``), and ITK's symmetric-forces demons iterates
+
+        u <- G_sigma * (u + du),   du = (F - M'(id + u)) J / (|J|^2 + (F - M'(id + u))^2 / K),
+        J = (grad F + grad M'(id + u)) / 2,
+
+    (``G_sigma``: Gaussian of ``settings.sigma_mm``, K: the mean squared voxel spacing).  The metric reported is
+    the filter's final mean squared difference (lower = better; not comparable with Mattes MI).
+
+    Raises
+    ------
+    RegistrationError
+        A mask without intensity variation, or an ITK failure.
+    """
+    t0 = time.perf_counter()
+    fixed_f = _as_float(fixed)
+    f = _zscore_in(fixed_f, fixed_mask)
+    m = sitk.Resample(_zscore_in(_as_float(moving), moving_mask), fixed_f, linear, sitk.sitkLinear, 0.0,
+                      sitk.sitkFloat32)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(int(settings.iterations))
+    demons.SetSmoothDisplacementField(True)
+    demons.SetStandardDeviations(float(settings.sigma_mm))
+    demons.SetUseImageSpacing(True)
+    try:
+        field_img = demons.Execute(f, m)
+    except RuntimeError as exc:
+        raise RegistrationError(f"demons registration failed: {exc}") from exc
+    metric = float(demons.GetMetric())
+    _check_metric(metric, "demons")
+    dense = sitk.DisplacementFieldTransform(sitk.Cast(field_img, sitk.sitkVectorFloat64))
+    secs = time.perf_counter() - t0
+    stop = f"{demons.GetElapsedIterations()} iterations"
+    return RegistrationResult(compose(linear, dense), metric, stop, secs,
+                              {"demons": {"metric": metric, "seconds": secs, "stop": stop}})
+
+
+def _holds_displacement_field(transform: sitk.Transform) -> bool:
+    """Whether ``transform`` is, or (nested) composes, a displacement field."""
+    if transform.GetTransformEnum() == sitk.sitkDisplacementField:
+        return True
+    if transform.GetTransformEnum() == sitk.sitkComposite:
+        comp = sitk.CompositeTransform(transform)
+        return any(_holds_displacement_field(comp.GetNthTransform(i)) for i in range(comp.GetNumberOfTransforms()))
+    return False
+
+
 def evaluate_metric(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -312,6 +402,12 @@ def evaluate_metric(
         _as_float(fixed), bins=bins, sampling=sampling_percentage, seed=seed, shrinks=(1,), sigmas=(0.0,),
         fixed_mask=fixed_mask, moving_mask=None,
     )
+    if _holds_displacement_field(transform):
+        # ITK's v4 metrics accept a dense field only as the transform itself (or the last of a composite) on the
+        # fixed image's grid: tabulate the whole chain there (the same values at every fixed sample).
+        transform = sitk.DisplacementFieldTransform(sitk.TransformToDisplacementField(
+            transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(), fixed.GetSpacing(),
+            fixed.GetDirection()))
     reg.SetInitialTransform(transform)
     try:
         value = float(reg.MetricEvaluate(_as_float(fixed), _as_float(moving)))
@@ -329,13 +425,16 @@ def register_longitudinal(
     rigid: LinearSettings = LinearSettings(),
     affine: LinearSettings | None = LinearSettings(),
     bspline: BSplineSettings | None = BSplineSettings(),
+    demons: DemonsSettings | None = None,
+    moving_brain: sitk.Image | None = None,
     seed: int = 0,
 ) -> RegistrationResult:
-    """Rigid -> affine -> B-spline (each optional after rigid) registration of a follow-up T1c (moving) to the
-    pre-op T1c (fixed).  The B-spline result is kept only when it lowers :func:`evaluate_metric` (a common
-    seeded sample); otherwise the linear transform is returned.  The metric reported is the optimiser's value of
-    the last kept stage; per-stage values are in ``stages``; ``evaluated`` is :func:`evaluate_metric` of the returned
-    transform."""
+    """Rigid -> affine -> B-spline -> demons (each optional after rigid) registration of a follow-up T1c (moving)
+    to the pre-op T1c (fixed).  The B-spline and the demons results are each kept only when they lower
+    :func:`evaluate_metric` (a common seeded sample); otherwise the previous transform is returned.  The demons
+    stage (:func:`register_demons`) needs both brain masks (``fixed_mask``, ``moving_brain``) to normalise the
+    intensities.  The metric reported is the optimiser's value of the last kept stage; per-stage values are in
+    ``stages``; ``evaluated`` is :func:`evaluate_metric` of the returned transform."""
     t0 = time.perf_counter()
     res = register_rigid(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, settings=rigid, seed=seed)
     stages = dict(res.stages)
@@ -359,6 +458,16 @@ def register_longitudinal(
         evaluated = min(before, after)
     else:
         evaluated = evaluate_metric(fixed, moving, tx, fixed_mask=fixed_mask)
+    if demons is not None:
+        if fixed_mask is None or moving_brain is None:
+            raise ValueError("register_longitudinal: the demons stage needs fixed_mask and moving_brain")
+        r = register_demons(fixed, moving, linear=tx, fixed_mask=fixed_mask, moving_mask=moving_brain,
+                            settings=demons)
+        after = evaluate_metric(fixed, moving, r.transform, fixed_mask=fixed_mask)
+        r.stages["demons"].update({"eval_before": evaluated, "eval_after": after, "accepted": str(after < evaluated)})
+        stages.update(r.stages)
+        if after < evaluated:
+            tx, metric, stop, evaluated = r.transform, r.metric, r.stop, after
     return RegistrationResult(tx, metric, stop, time.perf_counter() - t0, stages, evaluated)
 
 

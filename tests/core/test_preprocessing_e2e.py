@@ -103,10 +103,13 @@ def test_registration_accuracy_vs_truth(cohort: Path, processed: dict) -> None:
     assert long and mods and within
     # Within-scan (pre-op modality -> T1c): meets the target, <= 1 mm mean and < half a voxel.
     assert np.mean(within) <= 1.0 and max(within) < SPACING / 2
+    print(f"errors (mm): within {np.round(within, 3)} longitudinal {np.round(long, 3)} far from the tumour "
+          f"{np.round(long_far, 3)} follow-up modalities mean {np.mean(mods):.3f} max {max(mods):.3f}")
     # Full chain of the follow-up modalities (-> own T1c -> pre-op T1c) carries the longitudinal error.
-    assert np.mean(mods) <= 1.4 and max(mods) < SPACING / 2
-    # Longitudinal T1c -> pre-op T1c: below half a voxel (the 1 mm target is NOT met yet: ~1.3 mm measured).
-    assert max(long) < SPACING / 2 and np.mean(long) <= 1.6
+    assert np.mean(mods) <= 1.2 and max(mods) < SPACING / 2
+    # Longitudinal T1c -> pre-op T1c: below half a voxel; the 1 mm target is NOT met at 4 mm (~1.06 mm measured
+    # with the demons stage, 1.29 with rigid + affine only; docs/preprocessing.md).
+    assert max(long) < SPACING / 2 and np.mean(long) <= 1.25
     assert max(long_far) < SPACING / 2
 
 
