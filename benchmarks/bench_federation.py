@@ -326,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="rounds (default 2; deploy 3)")
     ap.add_argument("--patients", type=int, help="patients per site (default 4; deploy 3)")
     ap.add_argument("--size", type=int, help="grid edge of the caches (default 16; deploy 96, the demo grid)")
-    ap.add_argument("--timepoints", type=int, default=3, help="deploy: scans per patient (default 3)")
+    ap.add_argument("--timepoints", type=int, help="scans per patient (default 2; deploy 3)")
+    ap.add_argument("--gpus-per-site", type=float, default=None,
+                    help="simulate: GPUs per simulated site (default: the visible CUDA GPUs shared by all sites; "
+                    "1: one site per GPU at a time; 0: CPU)")
     ap.add_argument("--local-epochs", type=int, default=1, help="deploy: local epochs per round (default 1)")
     ap.add_argument("--threads", type=int, default=1,
                     help="deploy: torch threads per site (run config num-threads; default 1: the sites share this "
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     deploy = args.mode == "deploy"
     for key, sim_default, deploy_default in (("sites", "2,4,8", "2"), ("rounds", 2, 3), ("patients", 4, 3),
-                                             ("size", 16, 96)):
+                                             ("size", 16, 96), ("timepoints", 2, 3)):
         if getattr(args, key) is None:
             setattr(args, key, deploy_default if deploy else sim_default)
     if deploy:
@@ -357,12 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-federation-"))
     results = []
     for n in counts:
-        caches = write_caches(base / f"caches-{n}", n, args.patients, args.size)
+        caches = write_caches(base / f"caches-{n}", n, args.patients, args.size, timepoints=args.timepoints)
         run_dir = base / f"run-{n}"
         t0 = time.monotonic()
         with PeakMemory() as mem:
             simulate(run_dir, data=None, cache=caches, sites=n, rounds=args.rounds, preset="ci",
-                     overrides=overrides, timeout_s=1800, progress=False)
+                     gpus_per_site=args.gpus_per_site, overrides=overrides, timeout_s=1800, progress=False)
         wall = time.monotonic() - t0
         rows = json.loads((run_dir / "metrics.json").read_text())
         results.append((n, wall, mem.peak, rows))
@@ -382,10 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         down, up = 2 * mb, mb  # global model for train + evaluate; trained model back
         print(f"{n:>5} {mb:>12,} {down:>10,} {up:>10,} {n * (down + up):>12,}")
 
-    print(f"\n3. simulation ({args.rounds} rounds, {args.patients} patients/site, {args.size}^3 caches)")
-    print(f"{'sites':>5} {'wall s':>8} {'s/round':>8} {'peak RSS MB':>12}")
+    print(f"\n3. simulation ({args.rounds} rounds, {args.patients} patients/site, {args.size}^3 caches, "
+          f"{args.timepoints} scans, GPUs per site: {'shared' if args.gpus_per_site is None else args.gpus_per_site})")
+    print(f"{'sites':>5} {'wall s':>8} {'s/round':>8} {'peak RSS MB':>12} {'CUDA share':>10}")
     for n, wall, peak, rows in results:
-        print(f"{n:>5} {wall:>8.1f} {np.mean([r['round_seconds'] for r in rows]):>8.1f} {peak / 2**20:>12.0f}")
+        cuda = np.mean([r.get("train_cuda", 0.0) for r in rows])
+        print(f"{n:>5} {wall:>8.1f} {np.mean([r['round_seconds'] for r in rows]):>8.1f} {peak / 2**20:>12.0f} "
+              f"{cuda:>10.2f}")
     print(f"\nruns in {base}")
     return 0
 

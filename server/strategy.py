@@ -323,8 +323,9 @@ class STRPNetStrategyMixin:
             if step == "train":
                 row["train_examples"] = float(got[NUM_EXAMPLES_KEY])
                 row["train_loss"] = float(got[f"{TRAIN_METRIC_PREFIX}loss"])
-                if f"{TRAIN_METRIC_PREFIX}seconds" in got:
-                    row["train_seconds"] = float(got[f"{TRAIN_METRIC_PREFIX}seconds"])
+                for name in ("seconds", "cuda"):
+                    if f"{TRAIN_METRIC_PREFIX}{name}" in got:
+                        row[f"train_{name}"] = float(got[f"{TRAIN_METRIC_PREFIX}{name}"])
             else:
                 row.update({k: float(got[k]) for k in EVAL_COUNT_KEYS})
                 if EVAL_SECONDS_KEY in got:

@@ -80,10 +80,12 @@ NUM_EXAMPLES_KEY = "num-examples"
 #: Prefix of the training metrics a site sends (means over its local epochs).
 TRAIN_METRIC_PREFIX = "train-"
 #: Privacy allow-list of a train reply's MetricRecord (``client/audit.py`` blocks any other key): the output keys of
-#: :func:`train_metrics` (example count, mean losses over the local epochs, compute time).
+#: :func:`train_metrics` (example count, mean losses over the local epochs, compute time, and ``train-cuda``: 1 when
+#: the site trained on a CUDA GPU, 0 on the CPU; its example-weighted mean is the share of the round's training
+#: patients that went through a GPU).
 TRAIN_REPLY_KEYS: tuple[str, ...] = (
     NUM_EXAMPLES_KEY,
-    *(f"{TRAIN_METRIC_PREFIX}{name}" for name in ("loss", "seconds", "dice", "bce", "cox")),
+    *(f"{TRAIN_METRIC_PREFIX}{name}" for name in ("loss", "seconds", "cuda", "dice", "bce", "cox")),
 )
 #: The site's compute time (s) of an evaluate message (model forward passes), like ``train-seconds`` for training:
 #: the server keeps the slowest site's (``eval_seconds_max``) so that benchmarks can tell compute from overhead.
@@ -652,7 +654,8 @@ def local_train(
     -------
     (state_dict, metrics):
         Trained weights (CPU tensors) and the metrics a site may send: ``num-examples`` (training patients) and
-        ``train-loss`` plus ``train-<part>`` means, ``train-seconds`` (the site's compute time).
+        ``train-loss`` plus ``train-<part>`` means, ``train-seconds`` (the site's compute time) and ``train-cuda``
+        (1 when the site trained on a CUDA GPU).
     """
     from .training import seed_everything, train_epochs
 
@@ -664,19 +667,25 @@ def local_train(
     seed_everything(seed)
     t0 = time.perf_counter()
     result = train_epochs(model, train_set, train_cfg, seed=seed)
-    metrics = train_metrics(result.num_examples, result.loss, result.parts, seconds=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    log.info("site %s: round %d, %d training patient(s), %d local epoch(s) on %s (precision %s) in %.1f s", site_name,
+             server_round, result.num_examples, train_cfg.local_epochs, result.device, train_cfg.precision, seconds)
+    metrics = train_metrics(result.num_examples, result.loss, result.parts, seconds=seconds,
+                            cuda=result.device.startswith("cuda"))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return weights, metrics
 
 
 def train_metrics(
-    num_examples: int, loss: float, parts: Mapping[str, float], *, seconds: float = 0.0
+    num_examples: int, loss: float, parts: Mapping[str, float], *, seconds: float = 0.0, cuda: bool = False
 ) -> dict[str, float | int]:
-    """The training MetricRecord content of a site: its example count, mean losses and compute time (aggregates)."""
+    """The training MetricRecord content of a site: its example count, mean losses, compute time and whether it
+    trained on a CUDA GPU (aggregates)."""
     out: dict[str, float | int] = {
         NUM_EXAMPLES_KEY: int(num_examples),
         f"{TRAIN_METRIC_PREFIX}loss": float(loss),
         f"{TRAIN_METRIC_PREFIX}seconds": float(seconds),
+        f"{TRAIN_METRIC_PREFIX}cuda": 1.0 if cuda else 0.0,
     }
     for name in sorted(parts):
         out[f"{TRAIN_METRIC_PREFIX}{name.replace('_', '-')}"] = float(parts[name])

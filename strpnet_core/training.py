@@ -189,12 +189,15 @@ class TrainResult:
         Means per patient of the loss terms ``dice``, ``bce``, ``cox``.
     epoch_losses:
         Mean total loss per patient of each epoch.
+    device:
+        The torch device the steps ran on (``"cpu"``, ``"cuda:0"``, ...).
     """
 
     num_examples: int
     loss: float
     parts: dict[str, float] = field(default_factory=dict)
     epoch_losses: list[float] = field(default_factory=list)
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -543,6 +546,7 @@ def train_epochs(
         loss=totals["total"] / seen,
         parts={k: totals[k] / seen for k in ("dice", "bce", "cox")},
         epoch_losses=epoch_losses,
+        device=str(device),
     )
 
 
