@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -61,7 +62,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from strpnet_core.losses import MultiTaskLoss, dice_loss, weighted_bce
     from strpnet_core.model import ModelConfig, STRPNet, count_parameters
-    from strpnet_core.training import select_autocast, select_device
+    from strpnet_core.training import deterministic_cuda, select_autocast, select_device
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -102,23 +103,24 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for i in range(args.repeats + 1):
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i > 0:  # the first step is a warm-up
-            times.append(time.perf_counter() - t0)
+    with deterministic_cuda(device) if args.deterministic else contextlib.nullcontext():
+        for i in range(args.repeats + 1):
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:  # the first step is a warm-up
+                times.append(time.perf_counter() - t0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
     row = {
         "network": args.network, "precision": args.precision, "device": str(device), "threads": args.threads,
         "size": args.size, "timepoints": t, "batch": b, "params": count_parameters(model),
         "step_median_s": statistics.median(times), "step_min_s": min(times), "repeats": len(times),
-        "peak_rss_mb": peak_mb, "rss_before_steps_mb": rss_before / 1024.0,
+        "peak_rss_mb": peak_mb, "rss_before_steps_mb": rss_before / 1024.0, "deterministic": args.deterministic,
     }
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -128,7 +130,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 def _run_child(args: argparse.Namespace, network: str, precision: str) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--network", network, "--precision", precision,
            "--size", str(args.size), "--timepoints", str(args.timepoints), "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device,
+           *(["--deterministic"] if args.deterministic else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"network": network, "precision": precision, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -158,7 +161,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         any_row = next(iter(ok.values()))
         kind = "CUDA max_memory_allocated" if "peak_cuda_mb" in any_row else "process peak RSS (ru_maxrss)"
         print(f"\nsize {any_row['size']}^3, T={any_row['timepoints']}, batch {any_row['batch']}, device "
-              f"{any_row['device']}, {any_row['threads']} thread(s), median of {any_row['repeats']} step(s); "
+              f"{any_row['device']}{' (deterministic kernels)' if any_row.get('deterministic') else ''}, "
+              f"{any_row['threads']} thread(s), median of {any_row['repeats']} step(s); "
               f"peak MB = {kind}; step MB = peak RSS minus the RSS after imports, model and batch")
 
 
@@ -170,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="CUDA: time the steps under training.deterministic_cuda (what training uses) instead of "
+                   "cuDNN's default kernel choice")
     p.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated subset of strpnet,dynunet")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated subset of fp32,bf16")
     p.add_argument("--json", metavar="OUT.json", help="also write the rows as JSON")

@@ -2,7 +2,8 @@
 # The GPU checks of a site or a simulation host with CUDA (docs/performance.md, "On a GPU"), in one go:
 #   1. the CUDA tests (tests marked `cuda`: a site's training with AMP, CPU/GPU agreement, simulated sites sharing
 #      the GPU; they are skipped on machines without CUDA),
-#   2. the training step at the demo grid on the GPU (ST-RPNet vs MONAI DynUNet, fp32 vs bf16),
+#   2. the training step at the demo grid on the GPU (ST-RPNet vs MONAI DynUNet, fp32 vs bf16; ST-RPNet again with the
+#      deterministic kernels that training uses),
 #   3. a simulation of 3 sites at the demo grid: the sites sharing one GPU vs one site on the GPU at a time.
 # Usage: benchmarks/gpu_checks.sh [OUT_DIR]   (python3 with the project's dependencies and a CUDA torch)
 set -u
@@ -24,6 +25,8 @@ print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_dev
 'bf16', torch.cuda.is_bf16_supported())" || exit 1
 step cuda-tests 200 "$py" -m pytest -q -p no:cacheprovider -rs tests/core/test_cuda.py tests/server/test_simulation_gpu.py
 step train-step 100 "$py" benchmarks/bench_train_step.py --device cuda --size 96 --timepoints 3 --repeats 10
+step train-step-deterministic 60 "$py" benchmarks/bench_train_step.py --device cuda --size 96 --timepoints 3 \
+    --repeats 10 --networks strpnet --deterministic
 for gpus in shared 1; do
     arg=(); [ "$gpus" = shared ] || arg=(--gpus-per-site "$gpus")
     step "sim-gpu-$gpus" 130 "$py" benchmarks/bench_federation.py --sites 3 --patients 8 --size 96 --timepoints 3 \

@@ -378,6 +378,31 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def deterministic_cuda(device: torch.device) -> Iterator[None]:
+    """On a CUDA ``device``: deterministic kernels for the duration (restored afterwards); a no-op elsewhere.
+
+    cuDNN picks its convolution algorithms by benchmarking and some backward kernels accumulate with atomics, so two
+    CUDA runs with one seed can end a few ulps apart. Inside this context cuDNN uses deterministic algorithms (no
+    benchmarking) and ``torch.use_deterministic_algorithms`` switches ops such as ``index_add_`` (the Cox loss's
+    tied-time sums) to their deterministic kernels (warn-only: an op without one warns instead of failing).
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is set when unset (cuBLAS reads it when a process first uses it).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
 def build_loss(cfg: TrainConfig) -> MultiTaskLoss:
     """The :class:`losses.MultiTaskLoss` of ``cfg`` (fresh risk-set memory)."""
     return MultiTaskLoss(cfg.w_dice, cfg.w_bce, cfg.w_cox, pos_weight=cfg.pos_weight, ties=cfg.ties,
@@ -479,7 +504,7 @@ def train_epochs(
     Deterministic given ``seed``: the epoch order is ``torch.randperm`` of a ``torch.Generator(seed)``, dropout
     draws from torch's global RNG seeded with ``seed`` inside a forked RNG state (the caller's RNG is untouched),
     and the risk-set memory and Adam state start empty. Same model weights + dataset + cfg + seed -> identical
-    weights (on CPU).
+    weights (on CPU; on CUDA with :func:`deterministic_cuda`, which training uses).
 
     The reported loss is per patient: ``sum_steps total_step * B_step / sum_steps B_step``.
 
@@ -521,7 +546,7 @@ def train_epochs(
     totals = {"total": 0.0, "dice": 0.0, "bce": 0.0, "cox": 0.0}
     seen = 0
     epoch_losses: list[float] = []
-    with _threads(cfg.num_threads), torch.random.fork_rng(devices=fork_devices):
+    with _threads(cfg.num_threads), torch.random.fork_rng(devices=fork_devices), deterministic_cuda(device):
         torch.manual_seed(seed)
         loader = _loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
         for epoch in range(cfg.local_epochs):

@@ -3,7 +3,7 @@
 On CUDA a site trains with mixed precision (``precision = "auto"``: bf16 autocast where the GPU supports it, else
 fp16 with a GradScaler). Checked here: training on the toy of ``test_training.py`` learns the map and the ranking as
 on the CPU; fp16 AMP with its GradScaler trains; the CUDA forward pass in fp32 equals the CPU's; the same seed gives
-the same weights.
+bit-identical weights.
 """
 
 from __future__ import annotations
@@ -78,13 +78,17 @@ def test_cuda_forward_equals_cpu_in_fp32() -> None:
 
 
 def test_same_seed_same_weights_on_cuda() -> None:
-    """Two runs with one seed end at the same weights (to float rounding: cuDNN may pick other kernels)."""
+    """Two runs with one seed end at bit-identical weights (training runs under ``deterministic_cuda``), and the
+    global cuDNN / determinism settings are restored afterwards."""
     cfg = TrainConfig(lr=1e-2, local_epochs=2, batch_size=2, precision="auto", risk_memory=4, device="cuda")
     data = toy_dataset(6, seed=1)
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled())
     runs = []
     for _ in range(2):
         model = _model(ModelConfig(widths=(4, 8), lstm_hidden=4, risk_hidden=4, dropout=0.3))
         train_epochs(model, data, cfg, seed=5)
         runs.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    for k in runs[0]:
-        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+            torch.are_deterministic_algorithms_enabled()) == flags
