@@ -386,7 +386,7 @@ def risk_threshold(risks: np.ndarray, reference: str | os.PathLike[str] | None) 
     return float(np.median(risks)), "median predicted risk of the test patients (the run has no risk_reference.json)"
 
 
-def evaluate_test_set(
+def report_test_set(
     model_path: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -564,7 +564,7 @@ def write_report(
     Raises
     ------
     ReportError
-        See :func:`load_run` and :func:`evaluate_test_set`; also a test set without ``final_model.pt``.
+        See :func:`load_run` and :func:`report_test_set`; also a test set without ``final_model.pt``.
     """
     t0 = time.perf_counter()
     run = load_run(run_dir)
@@ -607,7 +607,7 @@ def write_report(
                                    workers=workers)
             except (ValueError, FileNotFoundError) as exc:
                 raise ReportError(f"--test-data {data}: {exc}") from None
-        test = evaluate_test_set(run.model_path, test_cache, out, reference=run.run_dir / RISK_REFERENCE_JSON,
+        test = report_test_set(run.model_path, test_cache, out, reference=run.run_dir / RISK_REFERENCE_JSON,
                                  preset=preset, n_overlays=n_overlays, device=device)
         images += [test.km_png, *(p for p, _ in test.overlays)]
 
