@@ -608,7 +608,7 @@ def write_report(
             except (ValueError, FileNotFoundError) as exc:
                 raise ReportError(f"--test-data {data}: {exc}") from None
         test = report_test_set(run.model_path, test_cache, out, reference=run.run_dir / RISK_REFERENCE_JSON,
-                                 preset=preset, n_overlays=n_overlays, device=device)
+                               preset=preset, n_overlays=n_overlays, device=device)
         images += [test.km_png, *(p for p, _ in test.overlays)]
 
     page = _page(run, summary, config, sites, last_sites, test, time.perf_counter() - t0)
