@@ -21,9 +21,12 @@ from sim_fixtures import assert_same_final_model
 
 pytestmark = pytest.mark.integration
 
-ROUNDS = 4
+#: 6 rounds: the kill follows the round-1 checkpoint, and on a loaded machine (load ~4.5 on 2 cores, 2026-12-04) the
+#: processes of a killed run still completed rounds 2-4 before the reaper's sweep stopped them (4 s after the kill on a
+#: quiet machine); with 6 rounds they would have to outlive the kill by ~50 s, which the 30 s check below refuses.
+ROUNDS = 6
 SEED = 7
-#: A tiny ST-RPNet; 4 local epochs make a round last a few seconds, so the kill lands between rounds 1 and 4.
+#: A tiny ST-RPNet; 4 local epochs make a round last a few seconds, so the kill lands between rounds 1 and ROUNDS.
 RUN_CONFIG: dict[str, object] = {
     "val-fraction": 0.4, "local-epochs": 4, "lr": 0.003, "num-threads": 1,
     "model.widths": "4,8", "model.lstm-hidden": 8, "model.risk-hidden": 8,
