@@ -21,9 +21,10 @@ from sim_fixtures import assert_same_final_model
 
 pytestmark = pytest.mark.integration
 
-#: 6 rounds: the kill follows the round-1 checkpoint, and on a loaded machine (load ~4.5 on 2 cores, 2026-12-04) the
-#: processes of a killed run still completed rounds 2-4 before the reaper's sweep stopped them (4 s after the kill on a
-#: quiet machine); with 6 rounds they would have to outlive the kill by ~50 s, which the 30 s check below refuses.
+#: 6 rounds of margin: the kill follows the round-1 checkpoint, but on a loaded machine (load ~4.5 on 2 cores,
+#: 2026-12-04) the killed run's checkpoint read after the kill was already at round 4 of 4 (a late kill, or processes
+#: finishing rounds before the reaper's sweep stopped them; all gone 4 s after the kill on a quiet machine). With 6,
+#: ~50 s more of rounds would be needed, longer than the 30 s within which every process must be gone.
 ROUNDS = 6
 SEED = 7
 #: A tiny ST-RPNet; 4 local epochs make a round last a few seconds, so the kill lands between rounds 1 and ROUNDS.
