@@ -13,18 +13,13 @@ import torch
 
 from strpnet_core.dataset import collate_patients
 from strpnet_core.metrics import concordance_index
-from strpnet_core.model import ModelConfig, STRPNet
+from strpnet_core.model import ModelConfig
 from strpnet_core.training import TrainConfig, evaluate_model, predict_batch, select_autocast, train_epochs
 
-from test_training import TINY, toy_dataset  # noqa: I001  (tests/core is on sys.path)
+from test_training import _model, toy_dataset  # noqa: I001  (tests/core is on sys.path)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")]
-
-
-def _model(cfg: ModelConfig = TINY, seed: int = 0) -> STRPNet:
-    torch.manual_seed(seed)
-    return STRPNet(cfg)
 
 
 def test_auto_precision_on_cuda_is_mixed() -> None:
