@@ -1,7 +1,8 @@
 """Training and evaluation of ST-RPNet on one site's (or a pooled) dataset.
 
 - :class:`TrainConfig`: every training knob (configuration as data; the Flower run config overrides it).
-- :func:`select_device`, :func:`select_autocast`, :func:`seed_everything`: where and in which precision to run.
+- :func:`select_device`, :func:`select_autocast` (:func:`cpu_has_native_bf16`), :func:`seed_everything`: where and in
+  which precision to run.
 - :func:`train_step`, :func:`train_epochs`: Adam on the multi-task loss (``losses.MultiTaskLoss``), deterministic
   given a seed.
 - :func:`evaluate_model` -> :class:`EvalAggregates`: only aggregates (pair counts, Dice sums, loss sum, counts of
@@ -96,7 +97,8 @@ class TrainConfig:
     device:
         "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
     precision:
-        "auto" (bf16 autocast on CPU, bf16 or fp16 AMP on CUDA), "fp32", "bf16" or "fp16" (CUDA only).
+        "auto" (bf16 autocast on a CPU with native bf16, else fp32; bf16 or fp16 AMP on CUDA), "fp32", "bf16" or
+        "fp16" (CUDA only).
     grad_clip:
         Maximum global gradient norm (0 disables clipping).
     weight_decay:
@@ -309,20 +311,33 @@ def select_device(spec: str = "auto") -> torch.device:
     raise ValueError(f"select_device: spec must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: x86 with AVX512-BF16 or AMX (torch's own CPU probes).
+
+    Only there is a bf16-autocast training step faster than fp32 (about 1.9x at 96^3 on a CPU with it). Without it
+    oneDNN emulates bf16 and the step is several times SLOWER (4.5x for the tiny ci model at 48^3 on a 2-core AVX2
+    AMD EPYC, docs/performance.md), so ``precision = "auto"`` keeps fp32 there. Other architectures: False
+    (``precision = "bf16"`` still forces it).
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def select_autocast(device: torch.device, precision: str = "auto") -> Autocast:
     """Whether to autocast, and to which dtype, for ``precision`` on ``device``.
 
-    ============  =====================  =========================================
-    precision     CPU                    CUDA
-    ============  =====================  =========================================
-    auto          (True, bfloat16)       (True, bfloat16) if supported else fp16
-    fp32          (False, float32)       (False, float32)
-    bf16          (True, bfloat16)       (True, bfloat16), error if unsupported
-    fp16          error                  (True, float16) (+ GradScaler in training)
-    ============  =====================  =========================================
+    ============  ===========================================  =========================================
+    precision     CPU                                          CUDA
+    ============  ===========================================  =========================================
+    auto          (True, bfloat16) if :func:`cpu_has_native_  (True, bfloat16) if supported else fp16
+                  bf16` else (False, float32)
+    fp32          (False, float32)                             (False, float32)
+    bf16          (True, bfloat16)                             (True, bfloat16), error if unsupported
+    fp16          error                                        (True, float16) (+ GradScaler in training)
+    ============  ===========================================  =========================================
 
-    bf16 autocast halves a 3D CNN training step on the project's CPUs (docs/performance.md); other device types
-    run fp32 under "auto".
+    bf16 autocast halves a 3D CNN training step on CPUs with native bf16 and slows it several-fold on the others
+    (docs/performance.md); other device types run fp32 under "auto".
 
     Raises
     ------
@@ -337,6 +352,8 @@ def select_autocast(device: torch.device, precision: str = "auto") -> Autocast:
     if device.type == "cpu":
         if precision == "fp16":
             raise ValueError("select_autocast: precision 'fp16' needs CUDA; use 'bf16' or 'fp32' on CPU")
+        if precision == "auto" and not cpu_has_native_bf16():
+            return False, torch.float32
         return True, torch.bfloat16
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()

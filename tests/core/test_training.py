@@ -26,6 +26,7 @@ from strpnet_core.training import (
     load_trained_model,
     predict_batch,
     save_trained_model,
+    cpu_has_native_bf16,
     select_autocast,
     select_device,
     train_epochs,
@@ -111,8 +112,8 @@ def test_training_with_risk_set_memory_ranks_risks() -> None:
 
 
 def test_same_seed_same_weights_and_caller_rng_untouched() -> None:
-    cfg = TrainConfig(lr=1e-2, local_epochs=2, batch_size=2, precision="auto", risk_memory=4,
-                      num_threads=1)  # bf16 on CPU
+    cfg = TrainConfig(lr=1e-2, local_epochs=2, batch_size=2, precision="bf16", risk_memory=4,
+                      num_threads=1)  # bf16 autocast on CPU (what "auto" picks on a CPU with native bf16)
     data = toy_dataset(6, seed=1)
     dropout_cfg = ModelConfig(widths=(4, 8), lstm_hidden=4, risk_hidden=4, dropout=0.3)
     weights = []
@@ -194,13 +195,27 @@ def test_device_and_precision_selection() -> None:
             select_device("cuda")
     with pytest.raises(ValueError, match="spec"):
         select_device("gpu")
-    assert select_autocast(cpu, "auto") == (True, torch.bfloat16)
+    native = (True, torch.bfloat16) if cpu_has_native_bf16() else (False, torch.float32)
+    assert select_autocast(cpu, "auto") == native
     assert select_autocast(cpu, "bf16") == (True, torch.bfloat16)
     assert select_autocast(cpu, "fp32") == (False, torch.float32)
     with pytest.raises(ValueError, match="fp16"):
         select_autocast(cpu, "fp16")
     with pytest.raises(ValueError, match="precision"):
         select_autocast(cpu, "half")
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [
+    (False, False, (False, torch.float32)), (True, False, (True, torch.bfloat16)), (False, True, (True, torch.bfloat16)),
+])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool,
+                                                   expected: tuple[bool, torch.dtype]) -> None:
+    """bf16 autocast only where the CPU has bf16 in hardware: emulated bf16 is several times slower than fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_has_native_bf16() == (avx512_bf16 or amx)
+    assert select_autocast(torch.device("cpu"), "auto") == expected
+    assert select_autocast(torch.device("cpu"), "bf16") == (True, torch.bfloat16)
 
 
 def test_train_step_reports_parts_and_changes_weights() -> None:
