@@ -27,8 +27,10 @@ demo: setup
 study: setup
 	$(BIN)/python benchmarks/study/run_study.py --config full --out runs/study-full --publish
 
+# Two workers, one test file each at a time: the long end-to-end tests mostly wait on Flower's polling and process
+# start-up (~0.5 core each), so two of them share the 2 cores well (tests/conftest.py puts them first).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not slow"

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_study_smoke_completes_and_writes_the_table(tmp_path: Path) -> None:
     out = tmp_path / "study"
     docs = tmp_path / "docs"
