@@ -4,6 +4,7 @@ that they and ``strpnet simulate`` start: :func:`die_with_parent_kwargs`)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -58,22 +59,37 @@ def die_with_parent_kwargs(sig: int | None = None) -> dict[str, Any]:
     dict
         ``start_new_session=True`` and, on Linux, a ``preexec_fn``.
     """
-    import signal
     import sys
 
     kwargs: dict[str, Any] = {"start_new_session": True}
     if not sys.platform.startswith("linux"):
         return kwargs
+    parent = os.getpid()
+    _libc()  # loaded here: the child runs die_with_parent between fork and exec, where nothing heavy may run
+    kwargs["preexec_fn"] = lambda: die_with_parent(parent, sig)
+    return kwargs
+
+
+@functools.cache
+def _libc() -> Any:
     import ctypes
 
-    death_signal = int(signal.SIGTERM if sig is None else sig)
-    parent = os.getpid()
-    libc = ctypes.CDLL(None, use_errno=True)
+    return ctypes.CDLL(None, use_errno=True)
 
-    def preexec() -> None:  # runs in the child between fork and exec: no allocation-heavy work
-        libc.prctl(1, death_signal, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
 
-    kwargs["preexec_fn"] = preexec
-    return kwargs
+def die_with_parent(parent_pid: int, sig: int | None = None) -> None:
+    """Have this process receive ``sig`` (default SIGTERM) when its parent ``parent_pid`` dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``; nothing elsewhere); exit at once if the parent is already gone.
+
+    For ``subprocess`` children (:func:`die_with_parent_kwargs`) and for the workers of a process pool (call it in
+    the pool's initializer with the parent's PID): a SIGTERM/SIGKILL of ``strpnet simulate`` or ``strpnet
+    preprocess`` then stops the preprocessing and generation workers too, instead of leaving them running.
+    """
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    _libc().prctl(1, int(signal.SIGTERM if sig is None else sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)

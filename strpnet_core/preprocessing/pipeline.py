@@ -35,6 +35,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..cache import CachedPatient, cache_path, save_cached_patient
+from ..console import die_with_parent
 from ..contract import MODALITIES, OUTCOMES_CSV, REFERENCE_MODALITY
 from ..fsutil import atomic_write_json, remove_stale_parts
 from ..presets import Preset, get_preset
@@ -503,7 +504,9 @@ def _skipped_result(out_dir: Path, patient_id: str) -> PatientResult:
                          cache_file=str(cache_path(out_dir, patient_id)))
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:  # a pool worker: stop with the parent (a killed run leaves no worker running)
+        die_with_parent(parent_pid)
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(max(1, threads))
 
 
@@ -571,7 +574,8 @@ def preprocess_site(
             sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(old)
     else:
         ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as ex:
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(threads, os.getpid())) as ex:
             futures = {ex.submit(_worker, job): job[0].patient_id for job in jobs}
             for fut in cf.as_completed(futures):
                 pid = futures[fut]

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .. import contract
+from ..console import die_with_parent
 from ..fsutil import atomic_write_json
 from .acquisition import ScanSampler, acquire, affine_of, compose, rigid, scan_transform
 from .anatomy import add_head, build_anatomy, sample_deformation
@@ -224,7 +225,8 @@ def generate_patient(out_dir: str | os.PathLike[str], site: SiteProfile, j: int,
                          course.censor_time, volumes[0], volumes[1])
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a killed generation leaves no worker running
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
@@ -294,7 +296,8 @@ def generate_cohort(out_dir: str | os.PathLike[str], *, sites: int, patients: in
             records.append(_run(t))
             bar.update()
     else:
-        with cf.ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+        with cf.ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
+                                    initargs=(os.getpid(),)) as pool:
             for fut in cf.as_completed([pool.submit(_run, t) for t in tasks]):
                 records.append(fut.result())
                 bar.update()
