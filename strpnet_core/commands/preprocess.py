@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+#: Preset used when neither ``--preset`` nor the site's ``site.json`` names one (real data: the 2 mm model grid).
+DEFAULT_PRESET = "demo"
+PRESETS = ("ci", "demo", "brats")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("site_dir", metavar="SITE_DIR", help="raw site folder (see docs/data-format.md)")
     p.add_argument("--out", required=True, metavar="CACHE_DIR", help="output cache folder")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="patients processed in parallel (default 1)")
-    p.add_argument("--preset", default="demo", choices=("ci", "demo", "brats"), help="model grid preset (default demo)")
+    p.add_argument("--preset", default=None, choices=PRESETS,
+                   help="model grid preset (default: the preset a synthetic site's site.json records, else demo)")
     p.add_argument("--seed", type=int, default=0, help="registration sampling seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -27,10 +34,31 @@ def run(args: argparse.Namespace) -> int:
     """Preprocess a site; print the per-patient table; exit 1 when no patient could be preprocessed."""
     from ..preprocessing.pipeline import preprocess_site
 
+    preset, source = (args.preset, "--preset") if args.preset else site_preset(args.site_dir)
+    print(f"preset {preset} ({source})")
     report = preprocess_site(
-        args.site_dir, args.out, workers=args.workers, preset=args.preset, seed=args.seed, progress=not args.no_progress
+        args.site_dir, args.out, workers=args.workers, preset=preset, seed=args.seed, progress=not args.no_progress
     )
     print(report.table())
     print(f"{len(report.ok)} of {len(report.results)} patient(s) preprocessed into {report.out_dir}"
           f" (settings {report.settings_hash}); {len(report.validation_problems)} validation problem(s)")
     return 0 if report.ok else 1
+
+
+def site_preset(site_dir: str | Path) -> tuple[str, str]:
+    """The preset to preprocess ``site_dir`` with when none is given, and where it comes from.
+
+    A synthetic site (``strpnet synth``) records the preset it was generated at in ``site.json`` (``"preset"``);
+    preprocessing it at another grid would silently mismatch the federation's model. Real sites record none:
+    :data:`DEFAULT_PRESET`. An unreadable ``site.json`` or an unknown name also gives the default (the validator
+    reports the file).
+    """
+    from ..contract import SITE_JSON
+
+    try:
+        recorded = json.loads((Path(site_dir) / SITE_JSON).read_text()).get("preset")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded in PRESETS:
+        return recorded, f"recorded in {Path(site_dir) / SITE_JSON}"
+    return DEFAULT_PRESET, "default"

@@ -472,3 +472,26 @@ def test_synthetic_ci_cohort_validates_cleanly(tmp_path: Path) -> None:
         index = validate_site(s, require_recurrence=True)
         assert [p for p in index.problems if p.level == "error"] == [], [str(p) for p in index.problems]
         assert len(index.patients) == 2
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"site_name": "s", "preset": "ci", "synthetic": true}', "ci"),  # strpnet synth records its preset
+    ('{"site_name": "s"}', "demo"),  # a real site: the default
+    ('{"preset": "4mm"}', "demo"),  # an unknown name: the default
+    ("{not json", "demo"),
+    (None, "demo"),  # no site.json
+])
+def test_preprocess_preset_follows_a_synthetic_site(tmp_path: Path, content: str | None, expected: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from strpnet_core.commands.preprocess import site_preset
+
+    site = tmp_path / "site"
+    site.mkdir()
+    if content is not None:
+        (site / "site.json").write_text(content)
+    assert site_preset(site)[0] == expected
+    # The command says which preset it used and why (this site has no scans: exit 1 after the report).
+    assert cli_main(["preprocess", str(site), "--out", str(tmp_path / "cache"), "--no-progress"]) == 1
+    assert f"preset {expected} (" in capsys.readouterr().out
+    assert cli_main(["preprocess", str(site), "--out", str(tmp_path / "c2"), "--no-progress", "--preset", "brats"]) == 1
+    assert "preset brats (--preset)" in capsys.readouterr().out
