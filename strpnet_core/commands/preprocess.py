@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from ..presets import PRESETS
+
 #: Preset used when neither ``--preset`` nor the site's ``site.json`` names one (real data: the 2 mm model grid).
 DEFAULT_PRESET = "demo"
-PRESETS = ("ci", "demo", "brats")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("site_dir", metavar="SITE_DIR", help="raw site folder (see docs/data-format.md)")
     p.add_argument("--out", required=True, metavar="CACHE_DIR", help="output cache folder")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="patients processed in parallel (default 1)")
-    p.add_argument("--preset", default=None, choices=PRESETS,
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="model grid preset (default: the preset a synthetic site's site.json records, else demo)")
     p.add_argument("--seed", type=int, default=0, help="registration sampling seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,10 +56,11 @@ def site_preset(site_dir: str | Path) -> tuple[str, str]:
     """
     from ..contract import SITE_JSON
 
+    path = Path(site_dir) / SITE_JSON
     try:
-        recorded = json.loads((Path(site_dir) / SITE_JSON).read_text()).get("preset")
+        recorded = json.loads(path.read_text()).get("preset")
     except (OSError, ValueError, AttributeError):
         recorded = None
-    if recorded in PRESETS:
-        return recorded, f"recorded in {Path(site_dir) / SITE_JSON}"
+    if isinstance(recorded, str) and recorded in PRESETS:
+        return recorded, f"recorded in {path}"
     return DEFAULT_PRESET, "default"
