@@ -8,11 +8,12 @@ killed). So every long-lived Flower program we start runs under this supervisor:
 
     python -m strpnet_core.reaper --home FLWR_HOME -- flower-superlink ...
 
-It starts the program, and when the program exits, or the supervisor gets SIGTERM/SIGINT, or its own parent dies
-(``PR_SET_PDEATHSIG``, set by :func:`strpnet_core.console.die_with_parent_kwargs`), it stops the program and then
-every live process whose ``FLWR_HOME`` is ``FLWR_HOME`` (each Flower process of one run has the run's private home,
-see :func:`strpnet_core.federation.flower_env`): SIGTERM, a bounded wait, then SIGKILL, by PID. Linux ``/proc`` is
-needed for the sweep; elsewhere only the program itself is stopped. Standard library only (it starts in ~50 ms).
+It starts the program; when the supervisor gets SIGTERM/SIGINT or its own parent dies (``PR_SET_PDEATHSIG``, set by
+:func:`strpnet_core.console.die_with_parent_kwargs`), it stops the program and, at the same moment, every live process
+whose ``FLWR_HOME`` is ``FLWR_HOME`` (each Flower process of one run has the run's private home, see
+:func:`strpnet_core.federation.flower_env`): SIGTERM, a bounded wait, then SIGKILL, by PID; when the program exits by
+itself, it stops what the program left behind the same way. Linux ``/proc`` is needed for the sweep; elsewhere only
+the program itself is stopped. Standard library only (it starts in ~50 ms).
 """
 
 from __future__ import annotations
@@ -147,7 +148,11 @@ def supervise(home: str, cmd: Sequence[str]) -> int:
             if os.getppid() != parent:  # our parent died (belt and braces beside PR_SET_PDEATHSIG)
                 stop.append(0)
     if code is None:
+        # Told to stop (or orphaned): the whole run stops at once, not the program first and the rest after it.
+        # A simulation process goes on training, round after round, while its SuperLink takes its grace period
+        # to exit (seen: 5 more rounds of a tiny run on a loaded machine before the sweep reached it).
         proc.terminate()
+        sweep(home, exclude=(parent,))
         try:
             code = proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:

@@ -28,6 +28,15 @@ PROGRAM = textwrap.dedent("""
     time.sleep(300)
 """)
 
+#: The same, but the program ignores SIGTERM (as a busy Flower process may for a while) and prints its own PID too.
+STUBBORN = textwrap.dedent("""
+    import os, signal, subprocess, time
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # after the child's start: an ignored signal is inherited
+    print(os.getpid(), child.pid, flush=True)
+    time.sleep(300)
+""")
+
 
 def _wait_for(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
@@ -38,8 +47,15 @@ def _wait_for(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-d
     return predicate()
 
 
-def _supervised(home: Path) -> list[str]:
-    return [sys.executable, "-m", "strpnet_core.reaper", "--home", str(home), "--", sys.executable, "-c", PROGRAM]
+def _supervised(home: Path, program: str = PROGRAM) -> list[str]:
+    return [sys.executable, "-m", "strpnet_core.reaper", "--home", str(home), "--", sys.executable, "-c", program]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def _kill_all(home: Path) -> None:
@@ -80,4 +96,23 @@ def test_a_killed_parent_takes_the_supervised_tree_along(tmp_path: Path) -> None
         assert _wait_for(lambda: not flower_processes(home), 20), flower_processes(home)
     finally:
         stop_process(parent)
+        _kill_all(home)
+
+
+def test_a_stopped_supervisor_does_not_wait_for_the_program_before_the_rest(tmp_path: Path) -> None:
+    """The detached processes of the run get their stop signal with the program, not after its grace period: a
+    simulation process would otherwise go on running rounds while a slow SuperLink shuts down."""
+    home = tmp_path / "home"
+    proc = subprocess.Popen(_supervised(home, STUBBORN), env=flower_env(home), stdout=subprocess.PIPE, text=True,
+                            **die_with_parent_kwargs())
+    try:
+        assert proc.stdout is not None
+        program, grandchild = (int(x) for x in proc.stdout.readline().split())
+        os.kill(proc.pid, signal.SIGTERM)  # the supervisor only (the program ignores SIGTERM anyway)
+        assert _wait_for(lambda: not _alive(grandchild), 10), "the detached grandchild outlived the stop"
+        assert _alive(program), "the grandchild was stopped only after the program's grace period"
+        assert proc.wait(timeout=20) is not None
+        assert _wait_for(lambda: not flower_processes(home), 10), flower_processes(home)
+    finally:
+        stop_process(proc)
         _kill_all(home)

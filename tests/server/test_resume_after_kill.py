@@ -21,10 +21,10 @@ from sim_fixtures import assert_same_final_model
 
 pytestmark = pytest.mark.integration
 
-#: 6 rounds of margin: the kill follows the round-1 checkpoint, but on a loaded machine (load ~4.5 on 2 cores,
-#: 2026-12-04) the killed run's checkpoint read after the kill was already at round 4 of 4 (a late kill, or processes
-#: finishing rounds before the reaper's sweep stopped them; all gone 4 s after the kill on a quiet machine). With 6,
-#: ~50 s more of rounds would be needed, longer than the 30 s within which every process must be gone.
+#: 6 rounds of margin: the kill follows the round-1 checkpoint, but on loaded machines the killed run's checkpoint was
+#: later found at round 4 of 4 (load ~4.5, 2026-12-04) and 6 of 6 (load ~8, 2026-12-05): the simulation process
+#: went on training while the reaper gave its SuperLink 5 s to exit before sweeping the rest. The reaper now stops
+#: them all at once (killed after round 1, all gone 3.2 s after the kill, at load ~8).
 ROUNDS = 6
 SEED = 7
 #: A tiny ST-RPNet; 4 local epochs make a round last a few seconds, so the kill lands between rounds 1 and ROUNDS.
