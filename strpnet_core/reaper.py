@@ -88,15 +88,16 @@ def sweep(flwr_home: str | os.PathLike[str], *, exclude: Sequence[int] = (),
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(not _gone(p) for p in pids):
+        while time.monotonic() < deadline and any(not is_gone(p) for p in pids):
             _reap_children()
             time.sleep(0.1)
-        if all(_gone(p) for p in pids):
+        if all(is_gone(p) for p in pids):
             break
     return pids
 
 
-def _gone(pid: int) -> bool:
+def is_gone(pid: int) -> bool:
+    """``pid`` no longer runs (no such process, or a zombie)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -24,6 +24,7 @@ import pytest
 
 from strpnet_core.cache import load_cached_patient
 from strpnet_core.fsutil import remove_stale_parts
+from strpnet_core.reaper import is_gone
 
 #: The child: write generation g = 0, 1, 2, ... of a ~24 MB file with every voxel/weight equal to g; print g after
 #: each completed write.
@@ -155,15 +156,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    """``pid`` runs (a zombie, or a PID reused by another parent's process, counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -189,7 +181,7 @@ def test_killed_preprocessing_resumes_and_skips_only_finished_patients(small_sit
         proc.stderr.close()
     assert workers, "no pool worker found"
     deadline = time.monotonic() + 30
-    while (alive := [w for w in workers if _alive(w)]) and time.monotonic() < deadline:
+    while (alive := [w for w in workers if not is_gone(w)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive, f"pool workers {alive} outlived the killed preprocessing"
     finished = _done(cache)

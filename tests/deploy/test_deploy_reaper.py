@@ -16,7 +16,7 @@ import pytest
 
 from strpnet_core.console import die_with_parent_kwargs
 from strpnet_core.federation import flower_env, stop_process
-from strpnet_core.reaper import flower_processes
+from strpnet_core.reaper import flower_processes, is_gone
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and prctl")
 
@@ -50,12 +50,6 @@ def _wait_for(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-d
 def _supervised(home: Path, program: str = PROGRAM) -> list[str]:
     return [sys.executable, "-m", "strpnet_core.reaper", "--home", str(home), "--", sys.executable, "-c", program]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _kill_all(home: Path) -> None:
@@ -109,8 +103,8 @@ def test_a_stopped_supervisor_does_not_wait_for_the_program_before_the_rest(tmp_
         assert proc.stdout is not None
         program, grandchild = (int(x) for x in proc.stdout.readline().split())
         os.kill(proc.pid, signal.SIGTERM)  # the supervisor only (the program ignores SIGTERM anyway)
-        assert _wait_for(lambda: not _alive(grandchild), 10), "the detached grandchild outlived the stop"
-        assert _alive(program), "the grandchild was stopped only after the program's grace period"
+        assert _wait_for(lambda: is_gone(grandchild), 10), "the detached grandchild outlived the stop"
+        assert not is_gone(program), "the grandchild was stopped only after the program's grace period"
         assert proc.wait(timeout=20) is not None
         assert _wait_for(lambda: not flower_processes(home), 10), flower_processes(home)
     finally:
