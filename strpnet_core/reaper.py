@@ -34,10 +34,18 @@ SWEEP_GRACE_S = 3.0
 
 
 def process_environ(pid: int) -> dict[str, str] | None:
-    """The environment a running process started with (Linux ``/proc/PID/environ``); None when unreadable."""
+    """The environment a running process started with (Linux ``/proc/PID/environ``); None when unreadable.
+
+    An empty read is None too: the kernel shows no environment for a process between ``execve``'s point of no return
+    and the set-up of its new stack (its parent may already know the exec succeeded), nor for one whose memory is
+    being released as it exits. CI once read ``{}`` for a Flower process that had been listed a moment before; a
+    caller that needs the environment asks again.
+    """
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
+        return None
+    if not raw:
         return None
     env: dict[str, str] = {}
     for item in raw.split(b"\0"):

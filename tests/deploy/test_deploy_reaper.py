@@ -16,7 +16,7 @@ import pytest
 
 from strpnet_core.console import die_with_parent_kwargs
 from strpnet_core.federation import flower_env, stop_process
-from strpnet_core.reaper import flower_processes, is_gone
+from strpnet_core.reaper import flower_processes, is_gone, process_environ
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and prctl")
 
@@ -64,7 +64,9 @@ def test_stopping_the_supervisor_stops_the_detached_grandchild(tmp_path: Path) -
     try:
         assert proc.stdout is not None
         grandchild = int(proc.stdout.readline())
-        assert grandchild in flower_processes(home)  # found by its FLWR_HOME although in another session
+        # Found by its FLWR_HOME although in another session (waited for: Popen returns once the exec is past its
+        # point of no return, a moment before the kernel shows the new process's environment).
+        assert _wait_for(lambda: grandchild in flower_processes(home), 10), flower_processes(home)
         assert os.getpgid(grandchild) != os.getpgid(proc.pid)
         stop_process(proc, timeout_s=20)
         assert _wait_for(lambda: not flower_processes(home), 10), flower_processes(home)
@@ -102,6 +104,7 @@ def test_a_stopped_supervisor_does_not_wait_for_the_program_before_the_rest(tmp_
     try:
         assert proc.stdout is not None
         program, grandchild = (int(x) for x in proc.stdout.readline().split())
+        assert _wait_for(lambda: grandchild in flower_processes(home), 10), flower_processes(home)
         os.kill(proc.pid, signal.SIGTERM)  # the supervisor only (the program ignores SIGTERM anyway)
         assert _wait_for(lambda: is_gone(grandchild), 10), "the detached grandchild outlived the stop"
         assert not is_gone(program), "the grandchild was stopped only after the program's grace period"
@@ -110,3 +113,19 @@ def test_a_stopped_supervisor_does_not_wait_for_the_program_before_the_rest(tmp_
     finally:
         stop_process(proc)
         _kill_all(home)
+
+
+def test_an_empty_environment_read_is_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live process's environment is read as it was started; an empty read is None ("ask again"), not a process with
+    no variables: the kernel shows no environment between ``execve``'s point of no return and the set-up of the new
+    stack, and a CI run recorded ``{}`` as the environment of a Flower process caught in that window."""
+    env = flower_env(tmp_path / "home")
+    child = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        assert _wait_for(lambda: process_environ(child.pid) is not None, 10)
+        assert process_environ(child.pid) == env
+        monkeypatch.setattr(Path, "read_bytes", lambda self: b"")  # the window itself lasts microseconds
+        assert process_environ(child.pid) is None
+    finally:
+        child.kill()
+        child.wait(timeout=10)
