@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from strpnet_core.console import die_with_parent_kwargs, run_deployment_command
+from strpnet_core.presets import PRESETS
 
 log = logging.getLogger("flower-client")
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", metavar="ca.crt", help="the federation's CA certificate (TLS)")
     p.add_argument("--key", metavar="SITE.key", help="the site's private key (node authentication)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (testing only; prints a warning)")
-    p.add_argument("--preset", default="demo", choices=("ci", "demo", "brats"),
+    p.add_argument("--preset", default="demo", choices=tuple(PRESETS),
                    help="preprocessing grid; must match the run's preset (default demo)")
     p.add_argument("--seed", type=int, default=0, help="preprocessing seed (default 0)")
     p.add_argument("--workers", type=int, default=1, help="patients preprocessed in parallel (default 1)")

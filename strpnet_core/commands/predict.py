@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from strpnet_core.presets import PRESETS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` subcommand to ``strpnet``."""
@@ -30,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--risk-reference", metavar="F", default=None,
                    help="risk_reference.json (default: the one next to MODEL_FILE; without it no percentile)")
     p.add_argument("--patient", default=None, metavar="ID", help="the patient, when PATIENT_DIR holds several")
-    p.add_argument("--preset", default=None, choices=["ci", "demo", "brats"],
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="resolution preset (default: the model's, from its run folder)")
     p.add_argument("--seed", type=int, default=0, help="preprocessing seed (default 0)")
     p.add_argument("--cache", default=None, metavar="DIR",

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from strpnet_core.presets import PRESETS
+
 log = logging.getLogger(__name__)
 
 #: Output lines of ``flwr run --stream`` shown without ``--verbose``.
@@ -56,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-data", metavar="SITE_DIR",
                    help="a raw site folder of the coordinator's own held-out patients, evaluated after every round")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"federated rounds (default {DEFAULT_ROUNDS})")
-    p.add_argument("--preset", default="demo", choices=("ci", "demo", "brats"), help="resolution preset (default demo)")
+    p.add_argument("--preset", default="demo", choices=tuple(PRESETS), help="resolution preset (default demo)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/sim-<date-time>)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,

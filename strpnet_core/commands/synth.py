@@ -6,6 +6,8 @@ import argparse
 import logging
 import time
 
+from strpnet_core.presets import PRESETS
+
 log = logging.getLogger(__name__)
 
 
@@ -22,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patients", default="10",
                    help="patients per site: one number M (site sizes differ around M: multipliers 0.6-1.4) "
                    "or a comma-separated count per site (default 10)")
-    p.add_argument("--preset", default="ci", choices=("ci", "demo", "brats"), help="resolution preset (default ci)")
+    p.add_argument("--preset", default="ci", choices=tuple(PRESETS), help="resolution preset (default ci)")
     p.add_argument("--seed", type=int, default=0, help="master seed: same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     g = p.add_mutually_exclusive_group()
