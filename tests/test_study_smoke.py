@@ -1,7 +1,7 @@
 """Smoke test of the comparison study (benchmarks/study): the CI-sized configuration runs end to end through the
 real pipeline (synth, preprocessing, Flower simulation, centralised and local-only training, baselines, report).
 
-It asserts only that the study completes and writes its table; the numbers of a 9-patient ci cohort mean nothing.
+It asserts only that the study completes and writes its table; the numbers of an 8-patient ci cohort mean nothing.
 """
 
 from __future__ import annotations
