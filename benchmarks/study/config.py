@@ -109,7 +109,7 @@ class StudyConfig:
 
 #: The CI smoke test (ci preset, tiny model): asserts only that the pipeline completes and writes the table.
 #: 8 patients: ci preprocessing (~20-50 CPU-s per patient) dominates; the sites and the test set are preprocessed one
-#: after another with 2 workers, so 2 patients each take one wave apiece (a third test patient cost another wave).
+#: after another with 2 workers, so each group of 2 takes one wave (a third test patient cost another wave).
 SMOKE = StudyConfig(
     name="smoke",
     preset="ci",

@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROUNDS = 3
 SITES = ("a", "b", "c")
 VICTIM = "c"
+QUORUM = len(SITES) - 1  # the run goes on without the victim
 
 
 def _wait_for(text: str, log: Path, server: subprocess.Popen[bytes], deadline: float) -> None:
@@ -48,11 +49,11 @@ def test_a_killed_site_does_not_stop_the_run(tmp_path: Path) -> None:
     server_cmd = console_command("flower-server", "server.coordinator") + [
         "--insecure", "--no-auth", "--host", "127.0.0.1", "--port", str(port),
         "--state-dir", str(tmp_path / "coordinator"), "--run-dir", str(tmp_path / "run"), "--rounds", str(ROUNDS),
-        "--min-sites", "3", "--timeout", "860", "--app-dir", str(REPO),
+        "--min-sites", str(len(SITES)), "--timeout", "860", "--app-dir", str(REPO),
         "-c", "preset=ci", "-c", "val-fraction=0.4", "-c", "local-epochs=1", "-c", "num-threads=1",
         "-c", 'model.widths="4,8" model.lstm-hidden=8 model.risk-hidden=8',
-        # quorum 2 of 3; short bounded waits so that the test stays within minutes
-        "-c", "min-train-nodes=2 min-evaluate-nodes=2 node-wait-timeout=10.0 start-wait-timeout=120.0",
+        # quorum: all sites but one; short bounded waits so that the test stays within minutes
+        "-c", f"min-train-nodes={QUORUM} min-evaluate-nodes={QUORUM} node-wait-timeout=10.0 start-wait-timeout=120.0",
         "-c", "round-timeout=150.0",
     ]
     server_log = tmp_path / "server.log"
@@ -79,8 +80,8 @@ def test_a_killed_site_does_not_stop_the_run(tmp_path: Path) -> None:
     assert summary["rounds_completed"] == ROUNDS and summary["stopped"] is None
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
-    assert rows[0]["train_sites"] == 3
-    assert min(r["train_sites"] for r in rows) == 2  # went on without the dead site
-    assert rows[-1]["train_sites"] == 3 and rows[-1]["eval_sites"] == 3  # ... which rejoined
+    assert rows[0]["train_sites"] == len(SITES)
+    assert min(r["train_sites"] for r in rows) == QUORUM  # went on without the dead site
+    assert rows[-1]["train_sites"] == len(SITES) and rows[-1]["eval_sites"] == len(SITES)  # ... which rejoined
     assert "lost node" in text and ("joined" in text or "is back" in text)
     print("\n".join(line for line in text.splitlines() if "[strpnet]" in line))

@@ -51,7 +51,6 @@ def _supervised(home: Path, program: str = PROGRAM) -> list[str]:
     return [sys.executable, "-m", "strpnet_core.reaper", "--home", str(home), "--", sys.executable, "-c", program]
 
 
-
 def _kill_all(home: Path) -> None:
     for pid in flower_processes(home):
         os.kill(pid, signal.SIGKILL)
