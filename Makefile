@@ -27,10 +27,11 @@ demo: setup
 study: setup
 	$(BIN)/python benchmarks/study/run_study.py --config full --out runs/study-full --publish
 
-# Two workers, one test file each at a time: the long end-to-end tests mostly wait on Flower's polling and process
-# start-up (~0.5 core each), so two of them share the 2 cores well (tests/conftest.py puts them first).
+# Two workers, one test file each at a time, in the order of tests/conftest.py (the long end-to-end files first).
+# --no-loadscope-reorder: without it pytest-xdist (>= 3.5) hands out files with many tests first, which left the
+# one-test end-to-end files (study smoke, deployments) for the end of the run.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
