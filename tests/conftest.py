@@ -14,7 +14,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files holding a ``slow`` test first, then those holding an ``integration`` test, then the rest (stable:
-    collection order within each group). Every xdist worker sorts the same collection the same way."""
+    collection order within each group). Every xdist worker sorts the same collection the same way; xdist hands the
+    files out in this order only with ``--no-loadscope-reorder`` (``make test`` passes it)."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     integration = {item.path for item in items if item.get_closest_marker("integration")}
     items.sort(key=lambda item: (item.path not in slow, item.path not in integration))
