@@ -117,13 +117,20 @@ def test_federation_goes_on_without_a_site_that_has_no_usable_patient(site_cache
 
 
 _RECORD = re.compile(r"^(\x1b\[\d+m)?(DEBUG|INFO|WARNING|ERROR)\b")
+# Ray forwards each actor's own output to the driver's terminal as "(ClientAppActor pid=N) ..." lines: that is the
+# simulated site's local log (its rejection table names patients, as a site's own log may), printed whenever Ray
+# flushes it, so it can land between a server record and its continuation lines. It is no part of a reply's reason.
+_RAY_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\((\w+ )?pid=\d+")
 
 
 def _reason_blocks(lines: list[str]) -> list[str]:
-    """The server's log records of error replies, each with its continuation lines."""
+    """The server's log records of error replies, each with its continuation lines (Ray-forwarded site output
+    excluded)."""
     blocks: list[list[str]] = []
     inside = False
     for line in lines:
+        if _RAY_FORWARDED.match(line):
+            continue
         if _RECORD.match(line):
             inside = "sent an error instead of" in line
             if inside:
