@@ -97,14 +97,34 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def concurrent_sites(n_sites: int, cores: int, cpus_per_site: int) -> int:
+    """How many simulated sites Ray runs at once on ``cores`` CPUs.
+
+    Ray runs ``a = init-args-num-cpus / client-resources-num-cpus`` sites at a time, in waves. With
+    ``s = max(1, cores // cpus_per_site)`` slots and ``a = s``, a last wave of ``n mod s`` sites (0 < n mod s < s)
+    leaves cores idle while it trains (3 sites on 2 cores: the third trains alone, a wall time of 2 t for 1.5 t of
+    work). Returned: ``s`` when ``n <= s`` or ``n mod s = 0``; otherwise the smallest ``a`` in ``(s, 2 s]`` whose
+    last wave ``n mod a`` is 0 or ``>= s``, so that every wave keeps every core busy (wall ~ n t / s, at most 2 sites
+    per slot, hence at most twice the memory of ``s`` sites); ``s`` when there is none.
+    """
+    slots = max(1, cores // max(1, cpus_per_site))
+    if n_sites <= slots or n_sites % slots == 0:
+        return slots
+    for a in range(slots + 1, 2 * slots + 1):
+        if n_sites % a == 0 or n_sites % a >= slots:
+            return a
+    return slots
+
+
 def simulation_resources(n_sites: int, cpus_per_site: int, gpus_per_site: float | None,
-                         visible_gpus: int) -> dict[str, int | float]:
+                         visible_gpus: int, cores: int | None = None) -> dict[str, int | float]:
     """Flower's simulation ``--federation-config`` for ``n_sites`` simulated SuperNodes on this machine.
 
     Ray gives a site's ClientApp the GPUs of its ``client-resources-num-gpus`` (``CUDA_VISIBLE_DEVICES``; a site with
     0 sees none and trains on the CPU). Default (``gpus_per_site`` None): ``g = min(1, G / n_sites)`` for ``G``
     visible GPUs, so that all sites run at once sharing them (3 sites on 1 GPU: 1/3 each), 0 when ``G = 0``.
-    ``init-args-num-gpus = G`` tells Ray how many there are.
+    ``init-args-num-gpus = G`` tells Ray how many there are. ``init-args-num-cpus`` =
+    ``max(cores, a x cpus_per_site)`` with ``a`` = :func:`concurrent_sites` (``cores``: this machine's by default).
 
     Raises
     ------
@@ -117,8 +137,10 @@ def simulation_resources(n_sites: int, cpus_per_site: int, gpus_per_site: float 
         raise ValueError(f"--gpus-per-site must be >= 0, got {gpus_per_site}")
     if gpus_per_site > 0 and visible_gpus == 0:
         raise ValueError(f"--gpus-per-site {gpus_per_site}: no CUDA GPU is visible on this machine")
+    cores = max(1, cores or os.cpu_count() or 1)
+    ray_cpus = max(cores, concurrent_sites(n_sites, cores, cpus_per_site) * int(cpus_per_site))
     out: dict[str, int | float] = {"num-supernodes": int(n_sites), "client-resources-num-cpus": int(cpus_per_site),
-                                   "init-args-num-cpus": max(1, os.cpu_count() or 1)}
+                                   "init-args-num-cpus": ray_cpus}
     if gpus_per_site > 0:
         out["client-resources-num-gpus"] = float(gpus_per_site)
         out["init-args-num-gpus"] = int(visible_gpus)

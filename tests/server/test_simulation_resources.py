@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flwr.supercore.utils import simulation_config_from_json
 
-from strpnet_core.commands.simulate import simulation_resources
+from strpnet_core.commands.simulate import concurrent_sites, simulation_resources
 
 
 def _flower_accepts(cfg: dict) -> object:
@@ -40,3 +40,23 @@ def test_explicit_share_and_bad_values() -> None:
         simulation_resources(3, 1, 0.5, 0)
     with pytest.raises(ValueError, match=">= 0"):
         simulation_resources(3, 1, -1.0, 1)
+
+
+@pytest.mark.parametrize(("sites", "cores", "per_site", "expected"), [
+    (3, 2, 1, 3),  # 2 at a time would leave one core idle while the third site trains alone
+    (2, 2, 1, 2), (1, 2, 1, 2), (4, 2, 1, 2), (8, 2, 1, 2),  # waves already fill every core
+    (5, 2, 1, 3),  # waves of 3 + 2
+    (7, 4, 1, 7), (9, 4, 1, 5),  # 7 > 2 slots per wave of 4 is not possible: all at once; 9: waves of 5 + 4
+    (3, 2, 2, 1),  # one slot: one site at a time, never idle
+    (5, 4, 2, 3),  # 2 slots of 2 CPUs: waves of 3 + 2
+])
+def test_concurrent_sites_keep_every_core_busy(sites: int, cores: int, per_site: int, expected: int) -> None:
+    a = concurrent_sites(sites, cores, per_site)
+    assert a == expected
+    slots = max(1, cores // per_site)
+    assert slots <= a <= 2 * slots
+    waves = [min(a, sites - i) for i in range(0, sites, a)]
+    assert sum(waves) == sites and all(w >= min(slots, sites) for w in waves)
+    cfg = simulation_resources(sites, per_site, None, 0, cores=cores)
+    assert cfg["init-args-num-cpus"] == max(cores, a * per_site)
+    assert cfg["init-args-num-cpus"] // cfg["client-resources-num-cpus"] == max(a, cores // per_site)
