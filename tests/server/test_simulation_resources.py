@@ -46,7 +46,7 @@ def test_explicit_share_and_bad_values() -> None:
     (3, 2, 1, 3),  # 2 at a time would leave one core idle while the third site trains alone
     (2, 2, 1, 2), (1, 2, 1, 2), (4, 2, 1, 2), (8, 2, 1, 2),  # waves already fill every core
     (5, 2, 1, 3),  # waves of 3 + 2
-    (7, 4, 1, 7), (9, 4, 1, 5),  # 7 > 2 slots per wave of 4 is not possible: all at once; 9: waves of 5 + 4
+    (7, 4, 1, 7), (9, 4, 1, 5),  # 7 on 4 cores: 4 + 3, 5 + 2, 6 + 1 each idle a core, so all at once; 9: 5 + 4
     (3, 2, 2, 1),  # one slot: one site at a time, never idle
     (5, 4, 2, 3),  # 2 slots of 2 CPUs: waves of 3 + 2
 ])
