@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 
-#: Minimum number of metric samples per resolution level.
+#: Default minimum number of metric samples per resolution level.
 MIN_SAMPLES = 20000
 
 
@@ -31,7 +31,10 @@ class RegistrationError(RuntimeError):
 
 @dataclass(frozen=True)
 class LinearSettings:
-    """Settings of one rigid or affine stage (see module docstring)."""
+    """Settings of one rigid or affine stage (see module docstring).
+
+    Each level draws ``max(sampling_percentage * N_l, min_samples)`` random samples (at most all ``N_l`` voxels of
+    the level inside the fixed mask, ``N_l = N / s_l^3`` at shrink factor ``s_l``)."""
 
     histogram_bins: int = 50
     sampling_percentage: float = 0.05
@@ -41,6 +44,7 @@ class LinearSettings:
     relaxation: float = 0.8
     shrink_factors: tuple[int, ...] = (4, 2, 1)
     smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
+    min_samples: int = MIN_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,15 @@ def _physical_min_shrink(img: sitk.Image, shrinks: tuple[int, ...], min_size: in
     return [max(1, min(int(s), size // min_size)) for s in shrinks]
 
 
+def sampling_fractions(n_voxels: float, shrinks: list[int] | tuple[int, ...], sampling: float,
+                       min_samples: int) -> list[float]:
+    """Fraction of a level's voxels that the metric samples, per level: ``min(1, max(p, n_min / N_l))`` with
+    ``N_l = N / s_l^3`` the voxels (inside the fixed mask) at shrink factor ``s_l``, ``p`` = ``sampling`` and
+    ``n_min`` = ``min_samples``: at least ``n_min`` samples (or every voxel) on coarse levels and low-resolution
+    scans, where ``p N_l`` alone would be too few."""
+    return [min(1.0, max(float(sampling), min_samples * s**3 / n_voxels)) for s in shrinks]
+
+
 def _method(
     fixed: sitk.Image,
     *,
@@ -112,16 +125,16 @@ def _method(
     sigmas: tuple[float, ...],
     fixed_mask: sitk.Image | None,
     moving_mask: sitk.Image | None,
+    min_samples: int = MIN_SAMPLES,
 ) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     levels = _physical_min_shrink(fixed, shrinks)
-    # At least MIN_SAMPLES samples per level (coarse levels and low-resolution scans need a higher percentage).
     n_vox = float(np.prod(fixed.GetSize()))
     if fixed_mask is not None:
         n_vox = max(1.0, float(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask))))
-    per_level = [min(1.0, max(float(sampling), MIN_SAMPLES * s**3 / n_vox)) for s in levels]
+    per_level = sampling_fractions(n_vox, levels, sampling, min_samples)
     reg.SetMetricSamplingPercentagePerLevel(per_level, int(seed) % (2**31 - 1) or 1)
     reg.SetInterpolator(sitk.sitkLinear)
     if fixed_mask is not None:
@@ -153,6 +166,7 @@ def _run_linear(
         sigmas=settings.smoothing_sigmas_mm,
         fixed_mask=fixed_mask,
         moving_mask=moving_mask,
+        min_samples=settings.min_samples,
     )
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=settings.learning_rate,

@@ -11,11 +11,15 @@ from strpnet_core.preprocessing import z_score_normalize
 from strpnet_core.preprocessing.bias import n4_correct
 from strpnet_core.preprocessing.brain import _atlas, brain_mask, stripped_mask
 from strpnet_core.preprocessing.qc import metric_flags, robust_z
+from strpnet_core.preprocessing.pipeline import longest_first
 from strpnet_core.preprocessing.registration import (
     BSplineSettings,
     DemonsSettings,
+    LinearSettings,
     mean_displacement_error,
     register_longitudinal,
+    register_rigid,
+    sampling_fractions,
 )
 from strpnet_core.preprocessing.resample import grid_geometry, model_grid
 
@@ -85,6 +89,37 @@ def test_registration_recovers_known_transform_and_is_deterministic(ref) -> None
     p = [(1.0, 2.0, 3.0), (-20.0, 10.0, 5.0)]
     # Seeded sampling; multi-threaded float sums may differ in the last bits: agree to 0.05 mm.
     assert all(np.allclose(r1.transform.TransformPoint(q), r2.transform.TransformPoint(q), atol=0.05) for q in p)
+
+
+def test_sampling_fractions_keep_at_least_min_samples() -> None:
+    n = 200_000.0  # voxels inside the fixed mask at full resolution
+    fr = sampling_fractions(n, (4, 2, 1), 0.05, 5000)
+    samples = [f * n / s**3 for f, s in zip(fr, (4, 2, 1))]
+    assert fr[0] == 1.0  # 3 125 voxels at shrink 4: all of them
+    assert samples[1] == pytest.approx(5000)  # 25 000 voxels: 5 % would be 1 250
+    assert samples[2] == pytest.approx(0.05 * n)  # 10 000 = 5 % of 200 000 > 5 000
+    assert sampling_fractions(n, (2,), 0.05, 20_000) == [pytest.approx(0.8)]
+
+
+def test_rigid_with_fewer_samples_recovers_a_known_pose(ref) -> None:
+    """The within-scan / longitudinal linear settings of demo and brats draw 5 000 samples per level."""
+    img, m = ref
+    centre = img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()])
+    S = sitk.Euler3DTransform(centre, *np.deg2rad([3.0, -4.0, 2.0]), (4.0, -3.0, 2.5))
+    moving = sitk.Resample(img, img, S, sitk.sitkLinear, 0.0)
+    mmask = sitk.Resample(m, img, S, sitk.sitkNearestNeighbor, 0)
+    r = register_rigid(img, moving, fixed_mask=m, settings=LinearSettings(min_samples=5000), seed=2)
+    assert mean_displacement_error(r.transform, S, mmask) < 0.5
+
+
+def test_longest_first_starts_patients_with_most_scans() -> None:
+    class Rec:
+        def __init__(self, pid: str, n: int) -> None:
+            self.patient_id, self.scans = pid, [object()] * n
+
+    recs = [Rec(p, n) for p, n in (("a", 3), ("b", 2), ("c", 4), ("d", 2), ("e", 3))]
+    assert [r.patient_id for r in longest_first(recs)] == ["c", "a", "e", "b", "d"]
+    assert longest_first([]) == []
 
 
 def test_demons_refines_a_warp_that_affine_leaves(ref) -> None:
