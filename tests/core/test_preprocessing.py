@@ -10,8 +10,8 @@ from scipy import ndimage
 from strpnet_core.preprocessing import z_score_normalize
 from strpnet_core.preprocessing.bias import n4_correct
 from strpnet_core.preprocessing.brain import _atlas, brain_mask, stripped_mask
-from strpnet_core.preprocessing.qc import metric_flags, robust_z
 from strpnet_core.preprocessing.pipeline import longest_first
+from strpnet_core.preprocessing.qc import metric_flags, robust_z
 from strpnet_core.preprocessing.registration import (
     BSplineSettings,
     DemonsSettings,
