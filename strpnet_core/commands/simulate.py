@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 _SHOWN = ("[strpnet]", "[ROUND", "ERROR", "Error", "Traceback", "Successfully started run", "failures")
 
 DEFAULT_SITES = 3
-#: Patients of the generated sites (a count per site): 14 patients keep `make demo` within 15 minutes on 2 cores
-#: (4/6/8 took 15:22 with the set-up, 2026-11-25); an even count per site keeps both preprocessing workers busy.
+#: Patients of the generated sites (a count per site): 14 patients keep `make demo` within 15 minutes on 2 cores of
+#: the AVX-512 machine kind (12:39, 2026-12-06; not on the AVX2-only kind, docs/federation.md; 4/6/8 took 15:22 with
+#: the set-up, 2026-11-25); an even count per site keeps both preprocessing workers busy.
 DEFAULT_PATIENTS = "4,4,6"
 DEFAULT_ROUNDS = 3
 #: Held-out patients of the coordinator generated with the demo cohort (server-side evaluation, ``test-cache``).
