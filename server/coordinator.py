@@ -127,8 +127,11 @@ def coordinate(args: argparse.Namespace) -> int:
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM,)}
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        for run_id in stop_stale_runs(flwr_home) if kept_database else []:
-            log.warning("run %d of a previous session was still open in %s: stopped it", run_id, database)
+        for run_id, fate in (stop_stale_runs(flwr_home) if kept_database else {}).items():
+            if fate == "stopped":
+                log.warning("run %d of a previous session was still open in %s: stopped it", run_id, database)
+            else:
+                log.info("run %d of a previous session is %s in %s", run_id, fate, database)
         for k in keys:
             try:
                 register_supernode(k, flwr_home)

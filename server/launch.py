@@ -242,8 +242,13 @@ def register_supernode(public_key: str | os.PathLike[str], flwr_home: str | os.P
                            f"{(res.stdout + res.stderr).strip()[-2000:]}")
 
 
-def open_runs(flwr_home: str | os.PathLike[str]) -> list[int]:
-    """Run ids the SuperLink of :data:`CONNECTION` lists as pending, starting or running (``flwr ls --format json``).
+#: Flower's run states (the part of ``flwr ls``'s status before ":") that a run can still leave.
+OPEN_STATES = ("pending", "starting", "running")
+
+
+def run_statuses(flwr_home: str | os.PathLike[str]) -> dict[int, str]:
+    """Every run the SuperLink of :data:`CONNECTION` lists (``flwr ls --format json``): run id -> status, e.g.
+    ``"running"`` or ``"finished:failed"``.
 
     Raises
     ------
@@ -258,24 +263,32 @@ def open_runs(flwr_home: str | os.PathLike[str]) -> list[int]:
     except ValueError as exc:
         raise RuntimeError(f"flwr ls failed (exit {res.returncode}): {(res.stdout + res.stderr).strip()[-1000:]}") \
             from exc
-    return sorted(int(r["run-id"]) for r in doc.get("runs", [])
-                  if str(r.get("status", "")).split(":")[0] in ("pending", "starting", "running"))
+    return {int(r["run-id"]): str(r.get("status", "")) for r in doc.get("runs", [])}
 
 
-def stop_stale_runs(flwr_home: str | os.PathLike[str]) -> list[int]:
+def stop_stale_runs(flwr_home: str | os.PathLike[str]) -> dict[int, str]:
     """Stop (``flwr stop``) every open run of a SuperLink that was just started on a kept database.
 
     A coordinator killed mid-run leaves its run "running" in the SuperLink's database, with messages the sites
     would still pull and compute although no ServerApp waits for them any more. A freshly started SuperLink has no
-    live ServerApp, so every open run is stale. Returns the stopped run ids.
+    live ServerApp, so every open run is stale. Whether the killed run is still open depends on timing: once its
+    ServerApp's heartbeat has expired, the SuperLink itself marks it ``finished:failed``.
+
+    Returns
+    -------
+    dict[int, str]
+        Every run of the database -> ``"stopped"`` for those this call stopped, else the status the SuperLink gave.
     """
-    stale = open_runs(flwr_home)
-    for run_id in stale:
+    fate = run_statuses(flwr_home)
+    for run_id, status in sorted(fate.items()):
+        if status.split(":")[0] not in OPEN_STATES:
+            continue
         res = run_flwr(["stop", str(run_id), CONNECTION], flwr_home, timeout_s=60)
         if res.returncode != 0:
             raise RuntimeError(f"flwr stop {run_id} failed (exit {res.returncode}): "
                                f"{(res.stdout + res.stderr).strip()[-1000:]}")
-    return stale
+        fate[run_id] = "stopped"
+    return fate
 
 
 def check_resume(run_dir: str | os.PathLike[str], resume: bool) -> int | None:

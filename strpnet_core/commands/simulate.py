@@ -318,8 +318,10 @@ def simulate(
     superlink = start_superlink(flwr_home, host="127.0.0.1", port=port, tls=None, simulation=True,
                                 database=flwr_home / "state.db")
     try:
-        for run_id in stop_stale_runs(flwr_home) if kept_database else []:
-            print(f"      stopped run {run_id} of the interrupted session (still open in its database)", flush=True)
+        for run_id, fate in (stop_stale_runs(flwr_home) if kept_database else {}).items():
+            print(f"      run {run_id} of the interrupted session: " + (
+                "still open in its database, stopped it" if fate == "stopped" else f"{fate} (closed by the SuperLink)"),
+                flush=True)
         outcome = flwr_run_stream(app_dir(), flwr_home, run_config_file=config_file, federation_config=federation,
                                   timeout_s=timeout_s, on_line=show)
     finally:

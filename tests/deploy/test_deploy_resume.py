@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,20 +94,29 @@ def test_killed_coordinator_resumes_with_the_same_sites(tmp_path: Path) -> None:
             assert e.get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1", pid
         killed_at = _round(run_dir)
         assert 1 <= killed_at < ROUNDS, f"the kill came after round {killed_at}: nothing left to resume"
+        started_runs = re.findall(r"Successfully started run (\d+)", server_log.read_text(errors="replace"))
+        assert len(started_runs) == 1, started_runs
+        killed_run = int(started_runs[0])
 
         procs["server"] = start_logged(server_cmd + ["--resume"], server_log, env)
         rc = procs["server"].wait(timeout=900)
         resumed_s = time.monotonic() - t_kill
         text = server_log.read_text(errors="replace")
         assert rc == 0, text[-4000:]
-        assert "was still open" in text and f"resuming {run_dir} from round {killed_at}" in text
+        assert f"resuming {run_dir} from round {killed_at}" in text
+        # The killed run is closed either way: stopped by the coordinator if still open, or already failed by the
+        # SuperLink once the dead ServerApp's heartbeat expired (a race with the restart).
+        stopped = f"run {killed_run} of a previous session was still open" in text
+        failed = f"run {killed_run} of a previous session is finished:failed" in text
+        assert stopped != failed, text[-4000:]
         for s in ("a", "b"):  # the sites outlived the coordinator and are still there
             assert procs[s].poll() is None, (tmp_path / f"{s}.log").read_text(errors="replace")[-3000:]
     finally:
         for proc in procs.values():
             stop_process(proc)
     print(f"\nkilled after the round-{killed_at} checkpoint; {len(started)} coordinator processes, all gone "
-          f"{gone_s:.1f} s after the kill; the resumed run finished {resumed_s:.0f} s after the kill")
+          f"{gone_s:.1f} s after the kill; run {killed_run} " + ("stopped by the resumed coordinator" if stopped else
+          "already failed by the SuperLink") + f"; the resumed run finished {resumed_s:.0f} s after the kill")
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_round"] == killed_at and summary["rounds_completed"] == ROUNDS
