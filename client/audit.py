@@ -12,7 +12,13 @@ that actually leaves the site, after every other mod. A reply passes only when i
 with numeric scalar values (lists only for :data:`strpnet_core.federation.LIST_REPLY_KEYS`) and no ConfigRecord
 (the only record type that carries strings or bytes). Anything else (an extra key such as a per-patient time, an
 array of image shape, a string) is *blocked*: the reply is replaced by an error reply naming the offending record and
-key, and the block is logged. Error replies pass unchanged (their reason is Flower's or the site's exception text).
+key, and the block is logged.
+
+Exceptions: Flower 1.42 sends ``str(exception)`` of a failing ClientApp to the coordinator as the error reply's reason,
+and an exception's text may name a patient, a file or a loss term. The mod therefore catches every exception of the
+handlers: the site's log and audit log keep the full text; what leaves is :class:`SiteError` naming only the site,
+the step and the exception's type, unless the exception is one of :data:`REPORTABLE_ERRORS`, whose messages are
+written to leave (counts and the site's name only, e.g. :class:`strpnet_core.site.NoUsablePatientError`).
 
 Audit log: when the node config has ``audit-log = "/path/file.jsonl"`` or the environment has
 :data:`AUDIT_LOG_ENV`, every reply adds one JSON line there (site-local file): message type, round, verdict, the
@@ -53,6 +59,7 @@ from strpnet_core.federation import (
     NUM_EXAMPLES_KEY,
     TRAIN_REPLY_KEYS,
 )
+from strpnet_core.site import NoUsablePatientError
 
 #: Environment variable naming the audit log (JSON lines); the node config key ``audit-log`` takes precedence.
 AUDIT_LOG_ENV = "STRPNET_AUDIT_LOG"
@@ -70,6 +77,13 @@ ALLOWED_METRIC_KEYS: dict[str, frozenset[str]] = {
     MessageType.EVALUATE: frozenset(EVAL_REPLY_KEYS),
 }
 _MAX_NAME = 64  # offending names are cut to this length in error reasons
+#: Exceptions whose message may leave the site unchanged: it carries counts and the site's name only.
+REPORTABLE_ERRORS: tuple[type[Exception], ...] = (NoUsablePatientError,)
+
+
+class SiteError(RuntimeError):
+    """What the coordinator learns of a site's exception that is not in :data:`REPORTABLE_ERRORS`: the site, the step
+    and the exception's type; its message stays in the site's log."""
 
 
 def _short(name: str) -> str:
@@ -215,6 +229,31 @@ def _round_of(msg: Message) -> int | None:
     return int(rec["server-round"]) + int(rec.get("round-offset", 0))
 
 
+def outgoing_error(exc: Exception, msg: Message, site: str) -> Exception:
+    """The exception that may leave the site for ``exc``: itself when in :data:`REPORTABLE_ERRORS`, else a
+    :class:`SiteError` naming the site, the step and the exception's type only."""
+    if isinstance(exc, REPORTABLE_ERRORS):
+        return exc
+    return SiteError(f"site {site}: the {_category(msg)} step raised {type(exc).__name__}; its message stays in the "
+                     f"site's log")
+
+
+def _audit(ctxt: Context, msg: Message, verdict: str, **fields: Any) -> None:
+    path = audit_log_path(ctxt)
+    if path is None:
+        return
+    append_audit_record(path, {
+        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
+        "run_id": msg.metadata.run_id,
+        "node_id": msg.metadata.dst_node_id,
+        "site": _site_label(ctxt),
+        "message_type": msg.metadata.message_type,
+        "round": _round_of(msg),
+        "verdict": verdict,
+        **fields,
+    })
+
+
 def privacy_audit_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: let a reply leave the site only if it passes :func:`inspect_reply`; log it when asked.
 
@@ -227,29 +266,31 @@ def privacy_audit_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable)
     -------
     Message
         The reply unchanged, or an error reply (``MOD_FAILED_PRECONDITION``) naming every violation.
+
+    Raises
+    ------
+    Exception
+        What the handler raised, as :func:`outgoing_error` lets it leave (Flower turns it into the error reply).
     """
-    reply = call_next(msg, ctxt)
+    try:
+        reply = call_next(msg, ctxt)
+    except Exception as exc:
+        site = _site_label(ctxt)
+        sent = outgoing_error(exc, msg, site)
+        log(ERROR, "[strpnet] site %s: the %s step failed", site, _category(msg), exc_info=exc)
+        _audit(ctxt, msg, "error", violations=[], records=[],
+               error={"type": type(exc).__name__, "message": str(exc), "sent": str(sent)})
+        if sent is exc:
+            raise
+        raise sent from None
     if reply.has_error():
         verdict, violations = "error", []
     else:
         violations = inspect_reply(reply, msg)
         verdict = "blocked" if violations else "allowed"
-    path = audit_log_path(ctxt)
-    if path is not None:
-        record: dict[str, Any] = {
-            "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
-            "run_id": msg.metadata.run_id,
-            "node_id": msg.metadata.dst_node_id,
-            "site": _site_label(ctxt),
-            "message_type": msg.metadata.message_type,
-            "round": _round_of(msg),
-            "verdict": verdict,
-            "violations": violations,
-            "records": [] if reply.has_error() else describe_reply(reply, with_values=verdict == "allowed"),
-        }
-        if reply.has_error():
-            record["error"] = {"code": reply.error.code, "reason": reply.error.reason}
-        append_audit_record(path, record)
+    extra = {"error": {"code": reply.error.code, "reason": reply.error.reason}} if reply.has_error() else {}
+    _audit(ctxt, msg, verdict, violations=violations,
+           records=[] if reply.has_error() else describe_reply(reply, with_values=verdict == "allowed"), **extra)
     if verdict != "blocked":
         return reply
     reason = (f"privacy audit blocked the {_category(msg)} reply of site {_site_label(ctxt)}: "
@@ -329,11 +370,14 @@ def suppress_small_evaluation(
 __all__ = [
     "AUDIT_LOG_ENV",
     "METRICS_RECORD",
+    "REPORTABLE_ERRORS",
+    "SiteError",
     "append_audit_record",
     "audit_log_path",
     "describe_reply",
     "inspect_reply",
     "min_eval_patients",
+    "outgoing_error",
     "privacy_audit_mod",
     "suppress_small_evaluation",
 ]

@@ -27,6 +27,7 @@ from flwr.common.constant import ErrorCode
 
 from client.audit import (
     AUDIT_LOG_ENV,
+    SiteError,
     inspect_reply,
     min_eval_patients,
     privacy_audit_mod,
@@ -44,6 +45,7 @@ from strpnet_core.federation import (
     site_splits,
     train_metrics,
 )
+from strpnet_core.site import NoUsablePatientError
 from strpnet_core.training import EvalAggregates
 from sim_fixtures import TINY_RUN_CONFIG, make_site_caches
 
@@ -177,6 +179,36 @@ def test_the_mod_blocks_what_is_not_allow_listed(tmp_path: Path, kind: str, make
     text = (tmp_path / "a.jsonl").read_text()
     for secret in ("523.4", "0.731", "0.93", "recurred at day"):
         assert secret not in text  # a blocked reply's values never reach the log either
+
+
+def _raising(exc: Exception) -> Callable[[Message, Context], Message]:
+    def call_next(msg: Message, ctxt: Context) -> Message:
+        raise exc
+    return call_next
+
+
+def _flower_reason(exc: BaseException) -> str:
+    """The error reason Flower 1.42 sends for a ClientApp's exception (flwr/supernode/runtime/run_clientapp.py)."""
+    return str(type(exc)) + ":<'" + str(exc) + "'>"
+
+
+def test_an_exception_leaves_the_site_as_its_type_only(tmp_path: Path) -> None:
+    secret = FloatingPointError("non-finite loss on batch SYN01-0003: {'cox': nan, 'n_events': 1.0}")
+    received = _received("train", ArrayRecord(build_model(_cfg()).state_dict()))
+    with pytest.raises(SiteError) as info:
+        privacy_audit_mod(received, _context(tmp_path), _raising(secret))
+    reason = _flower_reason(info.value)
+    assert "site site-x" in reason and "train step" in reason and "FloatingPointError" in reason
+    assert "SYN01-0003" not in reason and "n_events" not in reason and info.value.__cause__ is None
+    (line,) = _log_lines(tmp_path)  # the site keeps the full text in its own audit log
+    assert line["verdict"] == "error" and line["error"]["type"] == "FloatingPointError"
+    assert line["error"]["message"] == str(secret) and line["error"]["sent"] == str(info.value)
+
+    # an exception written to leave (counts and the site's name only) passes unchanged
+    empty = NoUsablePatientError("site-x", 3, tmp_path / "report.json")
+    with pytest.raises(NoUsablePatientError) as info2:
+        privacy_audit_mod(received, _context(tmp_path), _raising(empty))
+    assert info2.value is empty and _log_lines(tmp_path)[-1]["error"]["sent"] == str(empty)
 
 
 def test_allow_lists_cover_what_the_core_sends() -> None:
