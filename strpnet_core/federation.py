@@ -73,7 +73,8 @@ RISK_HIST_HIGH = 10.0
 RISK_HIST_BINS = 40
 #: ``risk_hist_00`` counts risk < LOW, ``risk_hist_01`` .. ``risk_hist_40`` the bins, ``risk_hist_41`` risk >= HIGH.
 RISK_HIST_KEYS: tuple[str, ...] = tuple(f"risk_hist_{i:02d}" for i in range(RISK_HIST_BINS + 2))
-#: A site with fewer training patients than this sends an all-zero histogram (a k-anonymity-like minimum count).
+#: No non-empty cell of a site's histogram stands for fewer training patients than this (adjacent bins are grouped,
+#: ``risk_reference.k_anonymous_counts``); a site with fewer sends an all-zero histogram.
 RISK_HIST_MIN_PATIENTS = 5
 #: Flower's weighting key (FedAvg's ``weighted_by_key``).
 NUM_EXAMPLES_KEY = "num-examples"
@@ -703,7 +704,8 @@ def local_evaluate(
     """Evaluate the global model on a site's held-out split; return aggregate counts only.
 
     Also counts the risk scores of the site's training patients in the fixed bins :data:`RISK_HIST_KEYS`
-    (``strpnet_core.risk_reference``; all zeros below :data:`RISK_HIST_MIN_PATIENTS` patients): the server sums them
+    (``strpnet_core.risk_reference``; grouped so that no non-empty cell stands for fewer than
+    :data:`RISK_HIST_MIN_PATIENTS` patients, all zeros below that many): the server sums them
     into the reference distribution that ``strpnet predict`` ranks a new patient's risk in.
 
     Parameters

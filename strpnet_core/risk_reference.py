@@ -3,12 +3,14 @@
 Flow (federated run)::
 
     site s:   risks r_i of its training patients (final global model) -> counts h_s over fixed bins
-              (federation.RISK_HIST_*; all zeros when the site has fewer than RISK_HIST_MIN_PATIENTS patients)
+              (federation.RISK_HIST_*), adjacent bins merged until each group holds >= RISK_HIST_MIN_PATIENTS
+              patients (all zeros when the site has fewer)
     server:   H = sum_s h_s (the evaluation pooling) -> quantiles q_1 .. q_99 -> RUN_DIR/risk_reference.json
     predict:  percentile of a new risk r among q_1 .. q_99
 
-No per-patient risk leaves a site: only the bin counts of its training patients, which the server sums with the
-other sites' counts; the reference file holds the pooled quantiles, the number of patients and the bin layout.
+No per-patient risk leaves a site: only the counts of its training patients over groups of adjacent bins, each group
+holding at least ``k = RISK_HIST_MIN_PATIENTS`` patients (:func:`k_anonymous_counts`), which the server sums with
+the other sites' counts; the reference file holds the pooled quantiles, the number of patients and the bin layout.
 
 Quantiles of the pooled histogram use a piecewise-linear CDF: with bin edges ``e_0 < ... < e_K`` (``e_0 = LOW``,
 ``e_K = HIGH``), underflow count ``u``, bin counts ``c_k`` and total ``N``, ``F(e_k) = (u + sum_{j<=k} c_j) / N``
@@ -56,6 +58,7 @@ __all__ = [
     "dataset_risks",
     "histogram_counts",
     "histogram_edges",
+    "k_anonymous_counts",
     "load_risk_reference",
     "percentile_of",
     "quantiles_from_histogram",
@@ -88,16 +91,53 @@ def risk_histogram(risks: Any) -> np.ndarray:
     return np.bincount(idx, minlength=RISK_HIST_BINS + 2).astype(np.int64)
 
 
-def site_risk_histogram(risks: Any, *, min_patients: int = RISK_HIST_MIN_PATIENTS) -> dict[str, int]:
-    """What a site sends: :data:`federation.RISK_HIST_KEYS` -> counts of its training patients' risks.
+def k_anonymous_counts(counts: Any, k: int) -> np.ndarray:
+    """Histogram counts in which every non-empty cell stands for a group of at least ``k`` patients.
 
-    All zeros when the site has fewer than ``min_patients`` patients: a histogram of very few patients would come
-    close to their individual (binned) scores.
+    Adjacent bins are grouped left to right: a group starts at an occupied bin and closes at the first bin where its
+    count ``c_g`` reaches ``k``; a last group below ``k`` joins the one before it; empty bins outside the groups
+    stay empty. Each of the ``n_g`` bins of a group reports ``c_g / n_g``, so a reader learns only
+    that ``c_g >= k`` patients lie in the group's range; the total is kept. All zeros when the total is below ``k``.
+
+    Parameters
+    ----------
+    counts:
+        Non-negative counts ``[under, bin_1 .. bin_K, over]`` (:func:`risk_histogram`).
+    k:
+        Minimum number of patients per group, >= 1 (1 returns the counts unchanged, as float64).
+
+    Returns
+    -------
+    np.ndarray
+        float64 counts of the same length and total.
     """
-    counts = risk_histogram(risks)
-    if int(counts.sum()) < min_patients:
-        counts = np.zeros_like(counts)
-    return {k: int(v) for k, v in zip(RISK_HIST_KEYS, counts, strict=True)}
+    c = np.asarray(counts, dtype=np.float64)
+    out = np.zeros_like(c)
+    if c.sum() < k:
+        return out
+    occupied = np.flatnonzero(c)
+    groups: list[list[int]] = [[]]
+    for i in range(int(occupied[0]), int(occupied[-1]) + 1):
+        if not groups[-1] and c[i] == 0:  # a group starts at an occupied bin
+            continue
+        groups[-1].append(i)
+        if c[groups[-1]].sum() >= k:
+            groups.append([])
+    last = groups.pop()
+    if last:  # a last group below k joins the one before it (with the empty bins between them)
+        groups[-1] = list(range(groups[-1][0], last[-1] + 1))
+    for g in groups:
+        out[g] = c[g].sum() / len(g)
+    return out
+
+
+def site_risk_histogram(risks: Any, *, min_patients: int = RISK_HIST_MIN_PATIENTS) -> dict[str, float]:
+    """What a site sends: :data:`federation.RISK_HIST_KEYS` -> counts of its training patients' risks, grouped by
+    :func:`k_anonymous_counts` with ``k = min_patients`` (all zeros below ``min_patients`` patients): a cell of
+    fewer patients would come close to their individual (binned) scores.
+    """
+    counts = k_anonymous_counts(risk_histogram(risks), min_patients)
+    return {k: float(v) for k, v in zip(RISK_HIST_KEYS, counts, strict=True)}
 
 
 def histogram_counts(metrics: Mapping[str, Any]) -> np.ndarray | None:

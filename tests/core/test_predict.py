@@ -48,6 +48,7 @@ from strpnet_core.preprocessing.resample import (
 )
 from strpnet_core.risk_reference import (
     RISK_REFERENCE_JSON,
+    k_anonymous_counts,
     load_risk_reference,
     percentile_of,
     quantiles_from_histogram,
@@ -179,6 +180,30 @@ def test_risk_histogram_bins_and_minimum_count() -> None:
     assert sum(enough.values()) == RISK_HIST_MIN_PATIENTS
     with pytest.raises(ValueError, match="non-finite"):
         risk_histogram([0.0, float("nan")])
+
+def test_site_histogram_cells_each_stand_for_at_least_k_patients() -> None:
+    # occupied bins 1..5 -> groups [1..3] (1 + 0 + 4 = 5) and [4] (6), then [5] (2 < k) joins [4] -> [4..5] = 8;
+    # the empty bins 0, 6, 7 outside the occupied range stay empty
+    c = np.array([0, 1, 0, 4, 6, 2, 0, 0])
+    out = k_anonymous_counts(c, 5)
+    assert np.allclose(out, [0, 5 / 3, 5 / 3, 5 / 3, 4, 4, 0, 0]) and out.sum() == pytest.approx(13)
+    assert np.array_equal(k_anonymous_counts(c, 1), c) and not k_anonymous_counts(c, 14).any()
+    rng = np.random.default_rng(1)
+    for k in (2, 5, 9):
+        for _ in range(50):
+            risks = rng.normal(rng.uniform(-3, 3), rng.uniform(0.2, 4), int(rng.integers(k, 60)))
+            raw = risk_histogram(risks)
+            sent = np.array(list(site_risk_histogram(risks, min_patients=k).values()))
+            assert sent.sum() == pytest.approx(raw.sum())
+            # every maximal run of equal non-zero cells is one group: its true count is >= k and matches
+            i = 0
+            while i < len(sent):
+                j = i + 1
+                while j < len(sent) and sent[i] > 0 and np.isclose(sent[j], sent[i]):
+                    j += 1
+                if sent[i] > 0:
+                    assert raw[i:j].sum() >= k and sent[i:j].sum() == pytest.approx(raw[i:j].sum())
+                i = j
 
 
 def test_quantiles_of_pooled_site_histograms_match_the_pooled_sample() -> None:
