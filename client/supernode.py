@@ -2,8 +2,9 @@
 
 Checks and preprocesses the site's data into its cache (once; reused afterwards), then runs Flower's SuperNode
 (``flower-supernode``) with the federation's CA certificate, the site's private key (node authentication) and
-the node config ``data-dir``, ``cache-dir``, ``site-name`` that the ClientApp reads. Stops the SuperNode (by PID)
-on Ctrl-C / SIGTERM. See docs/deployment.md.
+the node config that the ClientApp reads: ``data-dir``, ``cache-dir``, ``site-name`` and, when given, the site's own
+privacy settings ``min-eval-patients`` (small-count rule) and ``audit-log`` (``client/audit.py``). Stops the
+SuperNode (by PID) on Ctrl-C / SIGTERM. See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restart a SuperNode that fails to join (e.g. the coordinator has not registered this site's "
                    "key yet, or --max-wait expired while the coordinator restarts) for this long after the last "
                    "outage began (default 600; 0 = never)")
+    p.add_argument("--min-eval-patients", type=int, default=None, metavar="K",
+                   help="small-count rule of this site: an evaluation split of fewer than K patients sends zero "
+                   "counts, and fewer than K with a recurrence mask zero loss/Dice sums (default 2; small-cell rules "
+                   "in health statistics commonly use 5 to 11). The coordinator cannot change it")
+    p.add_argument("--audit-log", metavar="FILE",
+                   help="append one JSON line per reply this site sends (key names, shapes, the aggregates sent) to "
+                   "this local file")
     p.add_argument("--skip-prepare", action="store_true", help="do not check/preprocess the data before starting")
     return p
 
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_deployment_command(build_parser(), run_site, argv, log)
 
 
-def node_config_string(values: dict[str, str]) -> str:
+def node_config_string(values: dict[str, str | int]) -> str:
     """``key="value" ...`` for ``flower-supernode --node-config`` (TOML strings)."""
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
@@ -86,11 +94,30 @@ def supernode_command(args: argparse.Namespace, *, site_name: str, data_dir: Pat
         cmd += ["--auth-supernode-private-key", str(Path(args.key).resolve())]
     if args.max_wait is not None:
         cmd += ["--max-wait-time", str(args.max_wait)]
-    cfg = {"site-name": site_name, "cache-dir": str(cache_dir)}
+    cmd += ["--node-config", node_config_string(node_config(args, site_name=site_name, data_dir=data_dir,
+                                                            cache_dir=cache_dir))]
+    return cmd
+
+
+def node_config(args: argparse.Namespace, *, site_name: str, data_dir: Path | None,
+                cache_dir: Path) -> dict[str, str | int]:
+    """The SuperNode's node config: ``site-name``, ``cache-dir``, ``data-dir`` and the site's privacy settings.
+
+    Raises
+    ------
+    ValueError
+        ``--min-eval-patients`` below 1.
+    """
+    from .audit import AUDIT_LOG_NODE_KEY, MIN_EVAL_PATIENTS_NODE_KEY, min_eval_patients
+
+    cfg: dict[str, str | int] = {"site-name": site_name, "cache-dir": str(cache_dir)}
     if data_dir is not None:
         cfg["data-dir"] = str(data_dir)
-    cmd += ["--node-config", node_config_string(cfg)]
-    return cmd
+    if getattr(args, "min_eval_patients", None) is not None:
+        cfg[MIN_EVAL_PATIENTS_NODE_KEY] = min_eval_patients({MIN_EVAL_PATIENTS_NODE_KEY: args.min_eval_patients})
+    if getattr(args, "audit_log", None):
+        cfg[AUDIT_LOG_NODE_KEY] = str(Path(args.audit_log).expanduser().resolve())
+    return cfg
 
 
 def run_site(args: argparse.Namespace) -> int:
@@ -108,6 +135,7 @@ def run_site(args: argparse.Namespace) -> int:
     if not site_name:
         raise ValueError("give --site-name or --data-dir")
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else Path.home() / ".cache" / "strpnet" / site_name
+    node_config(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir)  # bad values fail before the work
     if not args.skip_prepare:
         t0 = time.monotonic()
         info = prepare_site_cache(data_dir, cache_dir, site_name=site_name, preset=args.preset, seed=args.seed,
@@ -129,8 +157,8 @@ def run_site(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     give_up = time.monotonic() + max(0.0, args.retry_seconds)
-    attempt = 0
-    while True:
+    attempt, rc = 0, 0
+    while not stopping:
         attempt += 1
         log.info("starting the SuperNode of %s -> %s (attempt %d)", site_name, args.superlink, attempt)
         # Under strpnet_core.reaper: the SuperNode and its ClientApp processes stop with us, however we stop.
@@ -139,7 +167,8 @@ def run_site(args: argparse.Namespace) -> int:
         current[:] = [proc]
         t_start = time.monotonic()
         try:
-            rc = proc.wait()
+            if not stopping:  # a signal that came before `current` held proc found nothing to stop
+                rc = proc.wait()
         finally:
             stop_process(proc)
         if stopping or rc == 0:
@@ -152,7 +181,10 @@ def run_site(args: argparse.Namespace) -> int:
             return rc
         log.warning("the SuperNode exited with code %d (not yet registered at the coordinator?); retrying in %.0f s",
                     rc, _RETRY_DELAY_S)
-        time.sleep(_RETRY_DELAY_S)
+        retry_at = time.monotonic() + _RETRY_DELAY_S
+        while not stopping and time.monotonic() < retry_at:  # a signal now ends the wait, not a new SuperNode
+            time.sleep(0.2)
+    return rc
 
 
 if __name__ == "__main__":

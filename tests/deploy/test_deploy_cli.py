@@ -38,9 +38,27 @@ def test_supernode_command_uses_tls_key_and_node_config(tmp_path: Path) -> None:
     assert cmd[cmd.index("--port") + 1] == "9999"
     node_config = cmd[cmd.index("--node-config") + 1]
     assert 'site-name="a b"' in node_config and f'data-dir="{tmp_path / "data dir"}"' in node_config
+    assert "min-eval-patients" not in node_config and "audit-log" not in node_config  # the ClientApp's defaults
     with pytest.raises(ValueError, match="--ca"):
         supernode_command(argparse.Namespace(superlink="h:1", insecure=False, ca=None, key=None, max_wait=None),
                           site_name="a", data_dir=None, cache_dir=tmp_path, port=1)
+
+
+def test_site_privacy_settings_reach_the_clientapp_through_the_node_config(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    from client.audit import audit_log_path, min_eval_patients
+
+    args = client_parser().parse_args(["--superlink", "h:9092", "--insecure", "--min-eval-patients", "7",
+                                       "--audit-log", str(tmp_path / "audit.jsonl")])
+    cmd = supernode_command(args, site_name="a", data_dir=None, cache_dir=tmp_path / "c", port=9999)
+    parsed = parse_config_args([cmd[cmd.index("--node-config") + 1]])  # as flower-supernode reads it
+    assert min_eval_patients(parsed) == 7
+    context = argparse.Namespace(node_config=parsed)
+    assert audit_log_path(context) == tmp_path / "audit.jsonl"  # type: ignore[arg-type]
+    bad = client_parser().parse_args(["--superlink", "h:9092", "--insecure", "--min-eval-patients", "0"])
+    with pytest.raises(ValueError, match="min-eval-patients"):
+        supernode_command(bad, site_name="a", data_dir=None, cache_dir=tmp_path, port=1)
 
 
 def test_node_config_string_is_parsed_back_by_flower() -> None:

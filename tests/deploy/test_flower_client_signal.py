@@ -1,0 +1,33 @@
+"""``flower-client`` stops on SIGTERM while it waits to retry a SuperNode that could not join: no new SuperNode is
+started after the signal (a real ``flower-supernode`` against a closed port on 127.0.0.1, stopped by PID)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from strpnet_core.federation import flower_env, free_port, stop_process
+
+from deploy_helpers import console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py
+
+
+def test_sigterm_during_the_retry_wait_stops_the_site(tmp_path: Path) -> None:
+    cache = write_site_cache(tmp_path / "cache" / "a", "a")
+    log = tmp_path / "client.log"
+    cmd = console_command("flower-client", "client.supernode") + [
+        "--superlink", f"127.0.0.1:{free_port()}", "--insecure", "--cache-dir", str(cache), "--site-name", "a",
+        "--skip-prepare", "--max-wait", "1", "--retry-seconds", "600"]
+    proc = start_logged(cmd, log, flower_env(tmp_path / "home"))
+    try:
+        deadline = time.monotonic() + 120
+        while "(not yet registered at the coordinator?); retrying in" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        stop_process(proc)
+    text = log.read_text(errors="replace")
+    assert text.count("starting the SuperNode") == 1, text[-3000:]  # none after the signal
+    assert rc != 0  # the SuperNode's failure code: it never joined
