@@ -606,13 +606,22 @@ def load_site_dataset(cache_dir: str | os.PathLike[str]) -> Any:
 
 
 def site_splits(dataset: Any, cfg: FederationConfig, site_name: str) -> tuple[Any, Any]:
-    """The (train, evaluation) subsets of a site's dataset (evaluation = all patients when val-fraction is 0)."""
+    """The (train, evaluation) subsets of a site's dataset.
+
+    Evaluation uses every patient only when val-fraction is 0. With val-fraction > 0 it is the held-out split, even
+    when that is empty (``round(n * val_fraction) = 0``, or a one-patient site): then the site evaluates nobody and
+    sends zero counts, instead of scoring its own training patients into the federated C-index.
+    """
     from torch.utils.data import Subset
 
     train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.seed, site_name)
     train = Subset(dataset, train_idx)
-    val = Subset(dataset, val_idx) if val_idx else dataset
-    return train, val
+    if cfg.val_fraction == 0:
+        return train, dataset
+    if not val_idx:
+        log.warning("site %s: val-fraction %g of %d patient(s) holds out none; its evaluation sends zero counts",
+                    site_name, cfg.val_fraction, len(dataset))
+    return train, Subset(dataset, val_idx)
 
 
 def build_model(cfg: FederationConfig, *, seed: int | None = None) -> torch.nn.Module:

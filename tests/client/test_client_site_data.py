@@ -96,6 +96,20 @@ def test_seeds_and_splits_are_deterministic() -> None:
     assert split_indices(5, 0.0, 0, "a") == ([0, 1, 2, 3, 4], [])
 
 
+def test_evaluation_never_scores_the_training_patients(tmp_path: Path) -> None:
+    """val-fraction > 0 with no patient held out (2 patients at 0.25: round(0.5) = 0) evaluates nobody; only
+    val-fraction = 0 evaluates every patient."""
+    from strpnet_core.federation import load_site_dataset, site_splits
+
+    ds = load_site_dataset(_cache(tmp_path / "a", n=2))
+    train, val = site_splits(ds, FederationConfig(val_fraction=0.25), "a")
+    assert len(train) == 2 and len(val) == 0
+    train, val = site_splits(ds, FederationConfig(val_fraction=0.5), "a")
+    assert len(train) == len(val) == 1 and set(train.indices).isdisjoint(val.indices)
+    train, val = site_splits(ds, FederationConfig(val_fraction=0.0), "a")
+    assert len(train) == len(val) == 2
+
+
 def test_run_config_parsing_errors_name_the_key() -> None:
     pytest.importorskip("strpnet_core.training")
     with pytest.raises(ValueError, match="num-server-rounds"):
