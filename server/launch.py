@@ -25,6 +25,7 @@ from typing import Any
 
 from strpnet_core.console import die_with_parent_kwargs
 from strpnet_core.federation import flower_env, flower_executable, stop_process
+from strpnet_core.fsutil import atomic_write_text
 from strpnet_core.reaper import flower_processes
 
 #: Name of the SuperLink connection written into ``$FLWR_HOME/config.toml``.
@@ -90,7 +91,7 @@ def write_flwr_config(
     home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+    atomic_write_text(path, tomli_w.dumps(doc))
     return path
 
 
@@ -328,7 +329,7 @@ def write_run_config(path: str | os.PathLike[str], values: Mapping[str, Any]) ->
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    path.write_text(tomli_w.dumps(nested), encoding="utf-8")
+    atomic_write_text(path, tomli_w.dumps(nested))
     return path
 
 

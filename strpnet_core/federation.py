@@ -152,6 +152,10 @@ def _dash(name: str) -> str:
     return name.replace("_", "-")
 
 
+#: FederationConfig fields where ``inf`` is allowed (no time limit); NaN never is.
+_UNBOUNDED_OK = frozenset({"round_timeout", "node_wait_timeout", "start_wait_timeout"})
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """The run configuration of one federated run, parsed from Flower's run config.
@@ -270,6 +274,10 @@ class FederationConfig:
 
     def check(self) -> None:
         """Raise ValueError naming the first inconsistent knob."""
+        for f in dataclasses.fields(self):  # NaN passes every comparison below; inf only means "no limit"
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v) and not (v == math.inf and f.name in _UNBOUNDED_OK):
+                raise ValueError(f"{_dash(f.name)} must be a finite number, got {v}")
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
         for name in ("fraction_train", "fraction_evaluate"):

@@ -118,6 +118,12 @@ def test_run_config_parsing_errors_name_the_key() -> None:
         FederationConfig.from_run_config({"fraction-train": 1.5})
     with pytest.raises(ValueError, match="no-such-knob"):
         FederationConfig.from_run_config({"no-such-knob": 1})
+    for key in ("dp-noise-multiplier", "dp-clipping-norm", "round-timeout"):  # NaN passes every comparison
+        with pytest.raises(ValueError, match=f"{key} must be a finite number, got nan"):
+            FederationConfig.from_run_config({key: float("nan")})
+    with pytest.raises(ValueError, match="dp-clipping-norm must be a finite number, got inf"):  # no clipping at all
+        FederationConfig.from_run_config({"dp-clipping-norm": float("inf")})
+    assert FederationConfig.from_run_config({"node-wait-timeout": float("inf")}).node_wait_timeout == float("inf")
 
 
 def test_pyproject_run_config_parses() -> None:
