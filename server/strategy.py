@@ -256,13 +256,20 @@ class STRPNetStrategyMixin:
     # ------------------------------------------------------------------------------------------------------------------
 
     def reject(self, server_round: int, step: str, node: int, reason: str) -> None:
-        """Log a refused reply (node and reason) and count it in the round's ``<step>_rejected``."""
+        """Log a refused reply (node and reason), count it in the round's ``<step>_rejected`` and drop what
+        :meth:`_remember_sites` kept of it (a later check, e.g. the DP norm check, may refuse a screened reply)."""
         log(WARNING, "[strpnet] round %d: rejected the %s reply of node %d: %s", self._round(server_round), step,
             node, reason)
         if step == "train":
             self.last_train_rejected += 1
         else:
             self.last_evaluate_rejected += 1
+        row = self.last_site_metrics.get(str(node))
+        if row is not None:
+            for k in [k for k in row if k.startswith("train_") == (step == "train")]:
+                del row[k]
+            if not row:
+                del self.last_site_metrics[str(node)]
 
     def _screen(self, server_round: int, replies: list[Message], step: str,
                 check: Callable[[RecordDict], str | None]) -> list[Message]:

@@ -294,6 +294,7 @@ def test_dp_client_side_refuses_an_unclipped_update(flwr_log: list[str]) -> None
     np.testing.assert_allclose(arrays["w"].numpy(), small)
     assert core_strategy(s).last_train_rejected == 1
     assert any("exceeds dp-clipping-norm" in x for x in flwr_log)
+    assert set(core_strategy(s).pop_round_stats()["site_metrics"]) == {"1"}  # the refused site is not listed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
