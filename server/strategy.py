@@ -26,7 +26,7 @@ smallest sum of squared distances to its ``n - f - 2`` nearest others, Blanchard
 Differential privacy (``dp = "server-fixed"`` or ``"client-fixed"``): Flower's
 ``DifferentialPrivacyServerSideFixedClipping`` / ``...ClientSideFixedClipping`` around the FedAvg above. Each
 accepted update :math:`\\Delta_k = w_k - w` is clipped to norm :math:`C` (``dp-clipping-norm``; on the server, or at the
-site by ``fixedclipping_mod``), the clipped updates are averaged and Gaussian noise
+site by ``fixedclipping_mod``), the clipped updates are averaged with equal weights and Gaussian noise
 :math:`\\mathcal N(0, (z C / m)^2)` is added (``z`` = ``dp-noise-multiplier``, ``m`` = the number of accepted replies
 of the round: rejected or missing sites do not shrink the noise below what the mean of ``m`` updates needs).
 """
@@ -366,11 +366,16 @@ class STRPNetStrategyMixin:
         if not valid:
             return None, None
         valid.sort(key=lambda m: arrays_digest(next(iter(m.content.array_records.values()))))
-        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        arrays, metrics = self._aggregate_sorted(server_round, valid)
         if arrays is not None and self._reference is not None:
             arrays = _cast_like(arrays, self._reference)
         self.last_train_metrics = metrics
         return arrays, metrics
+
+    def _aggregate_sorted(self, server_round: int,
+                          valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The Flower strategy's aggregation of the screened replies, in content order."""
+        return super().aggregate_train(server_round, valid)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Screen the evaluate replies, then pool the accepted ones' counts."""
@@ -414,7 +419,23 @@ def _cast_like(arrays: ArrayRecord, reference: Mapping[str, tuple[tuple[int, ...
 
 
 class STRPNetFedAvg(STRPNetStrategyMixin, FedAvg):
-    """FedAvg (example-weighted mean) with the ST-RPNet behaviours."""
+    """FedAvg with the ST-RPNet behaviours: the example-weighted mean ``sum_k n_k w_k / sum_k n_k`` of the accepted
+    weights, or with ``equal_weights`` the plain mean ``(1/m) sum_k w_k`` (under DP: the noise ``z C / m`` bounds one
+    site's influence only when each clipped update enters with weight ``1/m``). The training metrics stay
+    example-weighted means either way."""
+
+    def __init__(self, *args: Any, equal_weights: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.equal_weights = bool(equal_weights)
+
+    def _aggregate_sorted(self, server_round: int,
+                          valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not self.equal_weights:
+            return super()._aggregate_sorted(server_round, valid)
+        records = [next(iter(m.content.array_records.values())) for m in valid]
+        arrays = ArrayRecord({k: Array(np.asarray(np.mean([r[k].numpy() for r in records], axis=0)))
+                              for k in records[0].keys()})
+        return arrays, self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
 
 
 class STRPNetFedMedian(STRPNetStrategyMixin, FedMedian):
@@ -554,7 +575,7 @@ def make_strategy(cfg: FederationConfig, *, round_offset: int = 0, poll_interval
         round_offset=round_offset,
     )
     if cfg.aggregation == "fedavg":
-        inner: STRPNetStrategyMixin = STRPNetFedAvg(**common)
+        inner: STRPNetStrategyMixin = STRPNetFedAvg(**common, equal_weights=cfg.dp != "off")
     elif cfg.aggregation == "fedmedian":
         inner = STRPNetFedMedian(**common)
     elif cfg.aggregation == "fedtrimmedavg":

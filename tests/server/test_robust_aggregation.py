@@ -268,6 +268,22 @@ def test_dp_server_side_clips_screens_and_keeps_hooks() -> None:
     assert s.num_sampled_clients == 2
 
 
+def test_dp_weights_every_site_equally() -> None:
+    """Under DP each clipped update enters the mean with weight 1/m (what the noise z C / m is calibrated for);
+    without DP FedAvg weights by num-examples. The training metrics stay example-weighted in both."""
+    a, b = np.full(SHAPE, 0.01, np.float32), np.full(SHAPE, 0.03, np.float32)  # norms < C: no clipping
+
+    def run(knobs: dict) -> tuple[float, float]:
+        s = make_strategy(FederationConfig.from_run_config({**knobs, "min-train-nodes": 1, "min-available-nodes": 1}))
+        s.configure_train(1, _global(), ConfigRecord(), _Nodes(lambda _: [1, 2]))
+        arrays, metrics = s.aggregate_train(1, [_reply(1, a, n=1, loss=1.0), _reply(2, b, n=9, loss=0.0)])
+        return float(arrays["w"].numpy()[0, 0]), float(metrics["train-loss"])
+
+    assert run({}) == pytest.approx((0.028, 0.1))  # (1 x 0.01 + 9 x 0.03) / 10
+    for mode in ("server-fixed", "client-fixed"):
+        assert run({"dp": mode, "dp-noise-multiplier": 0.0, "dp-clipping-norm": 1.0}) == pytest.approx((0.02, 0.1))
+
+
 def test_dp_server_side_noise_has_the_calibrated_spread() -> None:
     cfg = FederationConfig.from_run_config({"dp": "server-fixed", "dp-noise-multiplier": 2.0,
                                             "dp-clipping-norm": 0.5, "min-train-nodes": 1,
