@@ -1,7 +1,8 @@
 """The Flower ClientApp of a site: translate Flower messages into ``strpnet_core.federation`` calls.
 
 - ``train``: global weights (ArrayRecord ``arrays``) -> local epochs on the site's training split -> new weights,
-  ``num-examples`` and training means (MetricRecord ``metrics``).
+  ``num-examples`` and training means (MetricRecord ``metrics``; zeros when the split is smaller than the site's
+  ``min-eval-patients``).
 - ``evaluate``: global weights -> aggregate counts on the site's held-out split (MetricRecord ``metrics``): pair
   counts for the concordance, Dice sums, loss sum, numbers of patients and events. No per-patient value; a split
   smaller than the site's ``min-eval-patients`` (node config, default 2) sends zero counts (``client/audit.py``).
@@ -28,6 +29,7 @@ from .audit import (
     min_eval_patients,
     privacy_audit_mod,
     suppress_small_evaluation,
+    suppress_small_training,
 )
 from .dp_mod import dp_clipping_mod
 from .site_data import ready_site
@@ -60,6 +62,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=_global_round(msg),
         site_name=site.site_name,
     )
+    metrics = suppress_small_training(metrics, min_eval_patients(context.node_config), site_name=site.site_name)
     content = RecordDict({"arrays": ArrayRecord(weights), METRICS_RECORD: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -57,7 +57,9 @@ from strpnet_core.federation import (
     LIST_REPLY_KEYS,
     MIN_EVAL_PATIENTS,
     NUM_EXAMPLES_KEY,
+    TRAIN_METRIC_PREFIX,
     TRAIN_REPLY_KEYS,
+    TRAIN_SUPPRESSED_KEY,
 )
 from strpnet_core.site import NoUsablePatientError
 
@@ -318,6 +320,36 @@ def min_eval_patients(node_config: Mapping[str, Any]) -> int:
     return value
 
 
+def suppress_small_training(
+    metrics: Mapping[str, float | int], min_patients: int, *, site_name: str = ""
+) -> dict[str, float | int]:
+    """Zero the training means of a split too small, like :func:`suppress_small_evaluation` for evaluation.
+
+    With ``k = min_patients`` and ``0 < n = num-examples < k``: ``train-loss``, every ``train-<part>`` mean and
+    ``train-seconds`` become 0 and ``train-suppressed`` 1 (at ``n = 1`` the means are that patient's own losses: a
+    zero Dice/BCE term tells that the patient has no recurrence mask). ``num-examples`` (FedAvg's weight; a count)
+    and ``train-cuda`` stay; the server leaves a suppressed site out of the pooled means. The weights still leave:
+    against what they reveal, differential privacy is the remedy (docs/reliability.md).
+
+    Returns
+    -------
+    dict
+        A copy of ``metrics``, zeroed where the rule applies.
+    """
+    out = dict(metrics)
+    n = int(out.get(NUM_EXAMPLES_KEY, 0))
+    if not 0 < n < min_patients:
+        return out
+    kept = (NUM_EXAMPLES_KEY, f"{TRAIN_METRIC_PREFIX}cuda", TRAIN_SUPPRESSED_KEY)
+    zeroed = [k for k in out if k not in kept]
+    for key in zeroed:
+        out[key] = 0.0
+    out[TRAIN_SUPPRESSED_KEY] = 1.0
+    log(WARNING, "[strpnet] site %s: the training split has %d patient(s) < min-eval-patients %d: sending zero for "
+        "%s", site_name or "?", n, min_patients, ", ".join(zeroed))
+    return out
+
+
 def suppress_small_evaluation(
     metrics: Mapping[str, float | int], min_patients: int, *, site_name: str = ""
 ) -> dict[str, float | int]:
@@ -380,4 +412,5 @@ __all__ = [
     "outgoing_error",
     "privacy_audit_mod",
     "suppress_small_evaluation",
+    "suppress_small_training",
 ]

@@ -62,6 +62,7 @@ from strpnet_core.federation import (
     EVAL_SECONDS_KEY,
     NUM_EXAMPLES_KEY,
     TRAIN_METRIC_PREFIX,
+    TRAIN_SUPPRESSED_KEY,
     FederationConfig,
 )
 
@@ -329,8 +330,10 @@ class STRPNetStrategyMixin:
             row = self.last_site_metrics.setdefault(str(m.metadata.src_node_id), {})
             if step == "train":
                 row["train_examples"] = float(got[NUM_EXAMPLES_KEY])
-                row["train_loss"] = float(got[f"{TRAIN_METRIC_PREFIX}loss"])
-                for name in ("seconds", "cuda"):
+                suppressed = float(got.get(TRAIN_SUPPRESSED_KEY, 0.0)) > 0
+                if not suppressed:  # a suppressed site's zeros are no loss
+                    row["train_loss"] = float(got[f"{TRAIN_METRIC_PREFIX}loss"])
+                for name in ("seconds", "cuda", "suppressed"):
                     if f"{TRAIN_METRIC_PREFIX}{name}" in got:
                         row[f"train_{name}"] = float(got[f"{TRAIN_METRIC_PREFIX}{name}"])
             else:

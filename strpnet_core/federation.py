@@ -83,10 +83,12 @@ TRAIN_METRIC_PREFIX = "train-"
 #: Privacy allow-list of a train reply's MetricRecord (``client/audit.py`` blocks any other key): the output keys of
 #: :func:`train_metrics` (example count, mean losses over the local epochs, compute time, and ``train-cuda``: 1 when
 #: the site trained on a CUDA GPU, 0 on the CPU; its example-weighted mean is the share of the round's training
-#: patients that went through a GPU).
+#: patients that went through a GPU; ``train-suppressed``: 1 when the site's small-count rule zeroed its means).
+TRAIN_SUPPRESSED_KEY = f"{TRAIN_METRIC_PREFIX}suppressed"
 TRAIN_REPLY_KEYS: tuple[str, ...] = (
     NUM_EXAMPLES_KEY,
     *(f"{TRAIN_METRIC_PREFIX}{name}" for name in ("loss", "seconds", "cuda", "dice", "bce", "cox")),
+    TRAIN_SUPPRESSED_KEY,
 )
 #: The site's compute time (s) of an evaluate message (model forward passes), like ``train-seconds`` for training:
 #: the server keeps the slowest site's (``eval_seconds_max``) so that benchmarks can tell compute from overhead.
@@ -698,12 +700,13 @@ def train_metrics(
     num_examples: int, loss: float, parts: Mapping[str, float], *, seconds: float = 0.0, cuda: bool = False
 ) -> dict[str, float | int]:
     """The training MetricRecord content of a site: its example count, mean losses, compute time and whether it
-    trained on a CUDA GPU (aggregates)."""
+    trained on a CUDA GPU (aggregates; ``train-suppressed`` 0: the site's small-count rule may set it)."""
     out: dict[str, float | int] = {
         NUM_EXAMPLES_KEY: int(num_examples),
         f"{TRAIN_METRIC_PREFIX}loss": float(loss),
         f"{TRAIN_METRIC_PREFIX}seconds": float(seconds),
         f"{TRAIN_METRIC_PREFIX}cuda": 1.0 if cuda else 0.0,
+        TRAIN_SUPPRESSED_KEY: 0.0,
     }
     for name in sorted(parts):
         out[f"{TRAIN_METRIC_PREFIX}{name.replace('_', '-')}"] = float(parts[name])
@@ -864,15 +867,24 @@ def derived_eval_metrics(counts: Mapping[str, float]) -> dict[str, float]:
 
 def pool_train_metrics(replies: Sequence[Mapping[str, float | int]],
                        names: Sequence[str] | None = None) -> dict[str, float]:
-    """Example-weighted means of the sites' ``train-*`` metrics; ``num-examples`` is summed."""
+    """Example-weighted means of the sites' ``train-*`` metrics over the sites that sent them.
+
+    ``mean_x = sum_k n_k (1 - s_k) x_k / sum_k n_k (1 - s_k)`` with ``n_k`` = ``num-examples`` and ``s_k`` =
+    ``train-suppressed`` (1: the site's small-count rule zeroed its means; absent: 0); NaN when no site counts.
+    ``num-examples`` is summed over all sites and ``train-suppressed`` becomes the number of suppressed sites.
+    """
     check_reply_keys(replies, (NUM_EXAMPLES_KEY, f"{TRAIN_METRIC_PREFIX}loss"), what="train", names=names)
-    total = float(sum(float(r[NUM_EXAMPLES_KEY]) for r in replies))
-    out: dict[str, float] = {NUM_EXAMPLES_KEY: total, "sites": float(len(replies))}
+    weights = [float(r[NUM_EXAMPLES_KEY]) * (1.0 - float(r.get(TRAIN_SUPPRESSED_KEY, 0.0))) for r in replies]
+    total = sum(weights)
+    out: dict[str, float] = {NUM_EXAMPLES_KEY: float(sum(float(r[NUM_EXAMPLES_KEY]) for r in replies)),
+                             "sites": float(len(replies))}
     for key in sorted(replies[0]) if replies else []:
         if key == NUM_EXAMPLES_KEY:
             continue
-        if total > 0:
-            out[key] = float(sum(float(r[key]) * float(r[NUM_EXAMPLES_KEY]) for r in replies) / total)
+        if key == TRAIN_SUPPRESSED_KEY:
+            out[key] = float(sum(float(r[key]) for r in replies))
+        elif total > 0:
+            out[key] = float(sum(float(r[key]) * w for r, w in zip(replies, weights, strict=True)) / total)
         else:
             out[key] = math.nan
     return out

@@ -32,6 +32,7 @@ from client.audit import (
     min_eval_patients,
     privacy_audit_mod,
     suppress_small_evaluation,
+    suppress_small_training,
 )
 from strpnet_core.federation import (
     EVAL_COUNT_KEYS,
@@ -42,6 +43,7 @@ from strpnet_core.federation import (
     FederationConfig,
     build_model,
     load_site_dataset,
+    pool_train_metrics,
     site_splits,
     train_metrics,
 )
@@ -237,6 +239,20 @@ def test_small_evaluation_split_sends_zero_counts() -> None:
     for bad in (0, "x", 1.5, True):
         with pytest.raises(ValueError, match="min-eval-patients"):
             min_eval_patients({"min-eval-patients": bad})
+
+
+def test_small_training_split_sends_zero_means_and_the_server_leaves_it_out() -> None:
+    one = train_metrics(1, 1.7, {"dice": 0.0, "bce": 0.0, "cox": 0.0}, seconds=3.0, cuda=True)  # no mask: dice 0
+    out = suppress_small_training(one, 2)
+    assert out[NUM_EXAMPLES_KEY] == 1 and out["train-cuda"] == 1.0 and out["train-suppressed"] == 1.0
+    assert all(out[k] == 0 for k in ("train-loss", "train-dice", "train-bce", "train-cox", "train-seconds"))
+    assert suppress_small_training(one, 1) == one
+    three = train_metrics(3, 0.9, {"dice": 0.4, "bce": 0.2, "cox": 0.3}, seconds=9.0)
+    assert suppress_small_training(three, 2) == three and three["train-suppressed"] == 0.0
+    pooled = pool_train_metrics([out, three])
+    assert pooled[NUM_EXAMPLES_KEY] == 4 and pooled["train-suppressed"] == 1
+    assert pooled["train-loss"] == pytest.approx(0.9) and pooled["train-dice"] == pytest.approx(0.4)
+    assert math.isnan(pool_train_metrics([out])["train-loss"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
