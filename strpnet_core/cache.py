@@ -117,14 +117,64 @@ def save_cached_patient(path: str | os.PathLike[str], patient: CachedPatient) ->
             np.savez(fh, **arrays)
 
 
-def load_cached_patient(path: str | os.PathLike[str], *, mmap: bool = False) -> CachedPatient:
-    """Read a cache file written by :func:`save_cached_patient`.
+#: Keys of the metadata every cache file holds.
+META_KEYS: tuple[str, ...] = ("patient_id", "site", "timepoints", "event", "time", "geometry", "meta")
 
-    Raises ValueError naming the file when it is unreadable or of another format version.
+
+def _meta_problem(meta: Any) -> str | None:
+    """Why a cache file's metadata is unusable (another format version, not an object, a key missing), or None."""
+    if not isinstance(meta, dict):
+        return f"metadata is a JSON {type(meta).__name__}, not an object"
+    if meta.get("format_version") != CACHE_FORMAT_VERSION:
+        return f"cache format {meta.get('format_version')} != {CACHE_FORMAT_VERSION}; re-run preprocess"
+    missing = [k for k in META_KEYS if k not in meta]
+    return f"metadata lacks {', '.join(missing)}" if missing else None
+
+
+def _binary_problem(name: str, arr: np.ndarray | None) -> str | None:
+    if arr is not None and np.any((arr != 0) & (arr != 1)):
+        return f"{name} holds values other than 0 and 1 (e.g. {arr[(arr != 0) & (arr != 1)].flat[0]})"
+    return None
+
+
+@dataclass(frozen=True)
+class CacheHeader:
+    """What a cache file says about its patient without its images: outcome, metadata, whether a recurrence mask is
+    stored."""
+
+    patient_id: str
+    event: int | None
+    time: float | None
+    meta: dict[str, Any]
+    has_recurrence: bool
+
+
+def load_cache_header(path: str | os.PathLike[str]) -> CacheHeader:
+    """Read a cache file's metadata only (the image arrays are not decompressed).
+
+    Raises ValueError naming the file when it is unreadable, of another format version, or lacks metadata.
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None) as npz:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(bytes(npz["meta_json"]).decode("utf-8"))
+            has_recurrence = "recurrence" in npz.files
+    except Exception as exc:  # zipfile.BadZipFile, KeyError, OSError, JSON errors ...
+        raise ValueError(f"{path}: unreadable cache file ({type(exc).__name__}: {exc})") from exc
+    if (why := _meta_problem(meta)) is not None:
+        raise ValueError(f"{path}: {why}")
+    return CacheHeader(str(meta["patient_id"]), meta["event"], meta["time"], meta["meta"], has_recurrence)
+
+
+def load_cached_patient(path: str | os.PathLike[str]) -> CachedPatient:
+    """Read a cache file written by :func:`save_cached_patient`.
+
+    Raises ValueError naming the file when it is unreadable, of another format version, lacks metadata, holds
+    inconsistent arrays, or masks that are not 0/1.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
             meta = json.loads(bytes(npz["meta_json"]).decode("utf-8"))
             images = np.asarray(npz["images"])
             days = np.asarray(npz["days"])
@@ -132,21 +182,26 @@ def load_cached_patient(path: str | os.PathLike[str], *, mmap: bool = False) -> 
             recurrence = np.asarray(npz["recurrence"]) if "recurrence" in npz.files else None
     except Exception as exc:  # zipfile.BadZipFile, KeyError, OSError, JSON errors ...
         raise ValueError(f"{path}: unreadable cache file ({type(exc).__name__}: {exc})") from exc
-    if meta.get("format_version") != CACHE_FORMAT_VERSION:
-        raise ValueError(f"{path}: cache format {meta.get('format_version')} != {CACHE_FORMAT_VERSION}; re-run preprocess")
-    return CachedPatient(
-        patient_id=meta["patient_id"],
-        site=meta["site"],
-        images=images,
-        days=days,
-        timepoints=list(meta["timepoints"]),
-        brain_mask=brain_mask,
-        recurrence=recurrence,
-        event=meta["event"],
-        time=meta["time"],
-        geometry=meta["geometry"],
-        meta=meta["meta"],
-    )
+    why = (_meta_problem(meta) or _binary_problem("brain_mask", brain_mask)
+           or _binary_problem("recurrence", recurrence))
+    if why is not None:
+        raise ValueError(f"{path}: {why}")
+    try:
+        return CachedPatient(
+            patient_id=meta["patient_id"],
+            site=meta["site"],
+            images=images,
+            days=days,
+            timepoints=list(meta["timepoints"]),
+            brain_mask=brain_mask,
+            recurrence=recurrence,
+            event=meta["event"],
+            time=meta["time"],
+            geometry=meta["geometry"],
+            meta=meta["meta"],
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 #: Arrays every cache file holds.
@@ -168,10 +223,7 @@ def cache_file_problem(path: str | os.PathLike[str]) -> str | None:
             meta = json.loads(bytes(npz["meta_json"]).decode("utf-8"))
     except Exception as exc:  # zipfile.BadZipFile, OSError, ValueError, JSON errors ...
         return f"unreadable ({type(exc).__name__})"
-    if not isinstance(meta, dict) or meta.get("format_version") != CACHE_FORMAT_VERSION:
-        got = meta.get("format_version") if isinstance(meta, dict) else None
-        return f"cache format {got} != {CACHE_FORMAT_VERSION}"
-    return None
+    return _meta_problem(meta)
 
 
 def list_cache(cache_dir: str | os.PathLike[str]) -> list[Path]:

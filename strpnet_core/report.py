@@ -424,7 +424,7 @@ def report_test_set(
     from lifelines.statistics import logrank_test
     from torch.utils.data import Subset
 
-    from .cache import list_cache, load_cached_patient
+    from .cache import list_cache, load_cache_header, load_cached_patient
     from .dataset import PatientDataset, collate_patients, patient_to_item
     from .training import evaluate_model, load_trained_model, predict_batch
 
@@ -441,7 +441,7 @@ def report_test_set(
                           f"`strpnet preprocess SITE_DIR --out {cache}`")
     try:
         dataset = PatientDataset(files)
-        heads = [load_cached_patient(f, mmap=True) for f in files]
+        heads = [load_cache_header(f) for f in files]
     except ValueError as exc:
         raise ReportError(f"--test-cache {cache}: {exc}") from None
     got = heads[0].meta.get("preset") if isinstance(heads[0].meta, dict) else None
@@ -475,7 +475,7 @@ def report_test_set(
                  title=f"test set: {len(keep)} patients, C-index {agg.c_index:.3f}, log-rank p "
                        f"{'n/a' if p_value is None else f'{p_value:.3g}'}")
 
-    order = sorted(keep, key=lambda i: (heads[i].recurrence is None, i))[: max(0, n_overlays)]
+    order = sorted(keep, key=lambda i: (not heads[i].has_recurrence, i))[: max(0, n_overlays)]
     overlays = []
     model.eval()
     for k, i in enumerate(order):

@@ -231,13 +231,13 @@ class Study:
         import numpy as np
 
         from strpnet_core.baselines import harrell_c, uno_horizon
-        from strpnet_core.cache import load_cached_patient
+        from strpnet_core.cache import load_cache_header
         from strpnet_core.metrics import concordance_counts
 
         train_files = evaluate.cache_patients([self.train_cache_root / s for s in self.train_sites])
         tt, te = [], []
         for f in train_files:
-            p = load_cached_patient(f, mmap=True)
+            p = load_cache_header(f)
             tt.append(float(p.time or 0.0))
             te.append(int(p.event or 0))
         train_time, train_event = np.array(tt), np.array(te)

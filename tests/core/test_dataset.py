@@ -133,3 +133,41 @@ def test_bad_arguments(tmp_path: Path, caches: tuple[Path, Path]) -> None:
         collate_patients([{k: v for k, v in ds[0].items() if k != "days"}])
     with pytest.raises(IndexError):
         ds.load_patient(3)
+
+
+def test_a_bad_cache_file_is_named_with_its_reason(tmp_path: Path, caches: tuple[Path, Path]) -> None:
+    """Files copied in by other means: metadata of another shape, a key missing, a mask that is not 0/1."""
+    import json
+
+    from strpnet_core.cache import cache_file_problem, load_cache_header, load_cached_patient
+
+    a, _ = caches
+    good = cache_path(a, "A-002")
+    with np.load(good) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(bytes(arrays["meta_json"]).decode())
+
+    def variant(name: str, **changes: object) -> Path:
+        out = tmp_path / "bad" / f"{name}.npz"
+        out.parent.mkdir(exist_ok=True)
+        np.savez(out, **{**arrays, **changes})
+        return out
+
+    def as_bytes(obj: object) -> np.ndarray:
+        return np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+
+    header = load_cache_header(good)
+    assert (header.patient_id, header.event, header.has_recurrence) == ("A-002", 0, False)
+    cases = {
+        variant("list", meta_json=as_bytes([1, 2])): "not an object",
+        variant("nokey", meta_json=as_bytes({k: v for k, v in meta.items() if k != "patient_id"})): "lacks patient_id",
+        variant("mask", brain_mask=np.full(arrays["brain_mask"].shape, 2, np.uint8)): "other than 0 and 1",
+        variant("shape", days=np.zeros(7, np.float32)): "days",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(ValueError, match=reason) as info:
+            load_cached_patient(path)
+        assert str(path) in str(info.value)
+    assert "lacks patient_id" in (cache_file_problem(tmp_path / "bad" / "nokey.npz") or "")
+    with pytest.raises(ValueError, match="not an object"):
+        load_cache_header(tmp_path / "bad" / "list.npz")
