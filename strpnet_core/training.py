@@ -479,7 +479,8 @@ def train_step(
     Raises
     ------
     FloatingPointError
-        A non-finite loss (the step is not applied).
+        A non-finite loss or (without a GradScaler, which skips such steps itself) gradient: the step is not
+        applied.
     """
     enabled, dtype = autocast
     model.train()
@@ -501,8 +502,11 @@ def train_step(
         scaler.update()
     else:
         loss.total.backward()
-        if grad_clip > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        # the total norm (inf: no clipping) also finds a non-finite gradient under a finite loss
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
+        if not math.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"train_step: non-finite gradient (norm {grad_norm}); step not applied")
         optimizer.step()
     return {**loss.parts, "grad_norm": grad_norm}
 
@@ -738,6 +742,10 @@ def load_trained_model(path: str | os.PathLike[str]) -> tuple[STRPNet, TrainConf
         raise ValueError(f"load_trained_model: {path}: unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
         raise ValueError(f"load_trained_model: {path} is not a {MODEL_FILE_FORMAT} file")
-    model = STRPNet(ModelConfig.from_dict(payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
-    return model, TrainConfig.from_dict(payload.get("train_config", {})), payload
+    try:
+        model = STRPNet(ModelConfig.from_dict(payload["model_config"]))
+        model.load_state_dict(payload["state_dict"])
+        train_cfg = TrainConfig.from_dict(payload.get("train_config", {}))
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:  # a key missing, weights of another model
+        raise ValueError(f"load_trained_model: {path}: {type(exc).__name__}: {exc}") from exc
+    return model, train_cfg, payload

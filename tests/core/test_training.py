@@ -231,6 +231,21 @@ def test_train_step_reports_parts_and_changes_weights() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_non_finite_gradient_is_not_applied(grad_clip: float) -> None:
+    """A finite loss whose gradient is NaN (here forced by a hook) raises instead of corrupting the weights."""
+    model = _model(ModelConfig(widths=(4, 8), lstm_hidden=4, risk_hidden=4))
+    batch = collate_patients(toy_dataset(3, seed=3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = next(model.parameters())
+    first.register_hook(lambda g: g * float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        train_step(model, batch, build_loss(TrainConfig(risk_memory=8)), opt, device=torch.device("cpu"),
+                   autocast=(False, torch.float32), grad_clip=grad_clip)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_model_file_round_trip(tmp_path: Path) -> None:
     model = _model(ModelConfig(widths=(4, 8), lstm_hidden=4)).eval()
     cfg = TrainConfig(lr=0.02)
@@ -243,6 +258,13 @@ def test_model_file_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.pt").write_bytes(b"nope")
     with pytest.raises(ValueError, match="bad.pt"):
         load_trained_model(tmp_path / "bad.pt")
+    torch.save({k: v for k, v in payload.items() if k != "state_dict"}, tmp_path / "nostate.pt")
+    with pytest.raises(ValueError, match="nostate.pt: KeyError"):
+        load_trained_model(tmp_path / "nostate.pt")
+    other = _model(ModelConfig(widths=(4, 8), lstm_hidden=6)).state_dict()  # weights of another architecture
+    torch.save({**payload, "state_dict": other}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: RuntimeError"):
+        load_trained_model(tmp_path / "other.pt")
 
 
 def _write_site(folder: Path, n: int, seed: int) -> None:
