@@ -390,7 +390,8 @@ def fit_cox_volumes(
 # ----------------------------------------------------------------------------------------------------------------------
 def harrell_c(risk: Sequence[float], time: Sequence[float], event: Sequence[int]) -> float:
     """Harrell's C = ``(concordant + tied_risk / 2) / comparable`` over pairs (i, j) with ``event_i = 1`` and
-    ``time_i < time_j`` (lifelines' ``concordance_index(time, -risk, event)``); ``nan`` with no comparable pair."""
+    ``time_i < time_j``, or ``time_i = time_j`` with j censored (lifelines' ``concordance_index(time, -risk,
+    event)``; :func:`strpnet_core.metrics.concordance_counts`); ``nan`` with no comparable pair."""
     from lifelines.utils import concordance_index
 
     try:

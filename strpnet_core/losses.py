@@ -123,7 +123,7 @@ def weighted_bce(logits: Tensor, target: Tensor, *, pos_weight: float | Tensor) 
 # ----------------------------------------------------------------------------------------------------------------
 # Cox partial likelihood
 # ----------------------------------------------------------------------------------------------------------------
-def _as_1d(x: Any, name: str, fn: str, like: Tensor) -> Tensor:
+def _as_1d(x: Any, name: str, fn: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     t = x if isinstance(x, Tensor) else torch.as_tensor(x)
     if t.ndim != 1:
         raise ValueError(f"{fn}: {name} must be 1-D, got shape {tuple(t.shape)}")
@@ -131,7 +131,9 @@ def _as_1d(x: Any, name: str, fn: str, like: Tensor) -> Tensor:
         t = t.to(like.dtype)
     if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
         raise ValueError(f"{fn}: {name} must be numeric or boolean, got {t.dtype}")
-    return t.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
+    if dtype is None:
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+    return t.to(device=like.device, dtype=dtype)
 
 
 def _validate_cox(
@@ -145,7 +147,7 @@ def _validate_cox(
         raise ValueError(f"{fn}: risk_scores must be floating point, got {risk_scores.dtype}")
     if ties not in _TIES:
         raise ValueError(f"{fn}: ties must be one of {_TIES}, got {ties!r}")
-    t = _as_1d(times, "times", fn, risk_scores)
+    t = _as_1d(times, "times", fn, risk_scores, torch.float64)  # only compared: days stay exact under bf16/fp16
     e = _as_1d(events, "events", fn, risk_scores)
     n = risk_scores.shape[0]
     if t.shape[0] != n or e.shape[0] != n:
@@ -358,7 +360,8 @@ class RiskSetMemory:
         """Mean negative log partial likelihood over batch U memory of the events that involve the batch (class doc).
 
         Does not modify the memory (call :meth:`update` after the optimiser step or right after this call).
-        Returns 0 with a zero gradient when the batch has no event.
+        Returns 0 with a zero gradient when neither the batch nor the memory holds an event whose risk set contains
+        a batch patient (a censored batch still learns from remembered events).
 
         Raises
         ------
@@ -372,10 +375,10 @@ class RiskSetMemory:
         batch_keys = set() if keys is None else {k for k in keys if k is not None}
         mem = [item for item in self._items if item[3] is None or item[3] not in batch_keys]
         if mem:
-            m = torch.tensor([item[:3] for item in mem], dtype=eta.dtype, device=eta.device)
-            eta_all = torch.cat([eta, m[:, 0]])
+            m = torch.tensor([item[:3] for item in mem], dtype=torch.float64, device=eta.device)
+            eta_all = torch.cat([eta, m[:, 0].to(eta.dtype)])
             t_all = torch.cat([t, m[:, 1]])
-            e_all = torch.cat([e, m[:, 2]])
+            e_all = torch.cat([e, m[:, 2].to(e.dtype)])
         else:
             eta_all, t_all, e_all = eta, t, e
         if eta.shape[0] == 0:

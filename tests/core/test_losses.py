@@ -150,6 +150,18 @@ def test_cox_gradcheck_with_tied_times(ties: str) -> None:
     assert torch.autograd.gradgradcheck(lambda r: cox_partial_likelihood_loss(r, t, e, ties=ties), (eta,))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cox_keeps_day_resolution_under_low_precision_risks(dtype: torch.dtype) -> None:
+    """Times are only compared: days 300 and 301 (bf16 rounds both to 300) and 2049 (fp16: 2048) stay distinct, so
+    the loss of low-precision risks equals the float32 loss up to the risks' own rounding, with no tie invented."""
+    t = [300.0, 301.0, 302.0, 2049.0, 2048.0]
+    e = [1, 1, 0, 1, 1]
+    eta = torch.tensor([0.3, -0.1, 0.5, 0.2, -0.4])
+    low = cox_partial_likelihood_loss(eta.to(dtype), t, e, ties="breslow")
+    ref = cox_partial_likelihood_loss(eta.to(dtype).float(), t, e, ties="breslow")
+    assert float(low) == pytest.approx(float(ref), rel=1e-2)
+
+
 @pytest.mark.parametrize("ties", ["efron", "breslow"])
 def test_cox_no_event_is_zero_with_finite_grad(ties: str) -> None:
     eta = torch.tensor([0.3, -1.0, 2.0], requires_grad=True)
