@@ -72,6 +72,8 @@ def coordinate(args: argparse.Namespace) -> int:
         TLSFiles,
         app_dir,
         check_resume,
+        check_run_config,
+        finished_summary,
         flwr_run_stream,
         refuse_if_running,
         register_supernode,
@@ -98,7 +100,9 @@ def coordinate(args: argparse.Namespace) -> int:
     for k in keys:
         if not k.is_file():
             raise FileNotFoundError(f"--site-key {k}: no such file")
-    min_sites = args.min_sites or max(1, len(keys))
+    min_sites = max(1, len(keys)) if args.min_sites is None else args.min_sites
+    if min_sites < 1:
+        raise ValueError(f"--min-sites {min_sites}: at least 1 site must take part")
 
     state = Path(args.state_dir).resolve()
     flwr_home = state / "flower"
@@ -114,9 +118,10 @@ def coordinate(args: argparse.Namespace) -> int:
                       insecure=tls is None)
     values: dict[str, Any] = {"run-dir": str(run_dir), "resume": bool(args.resume), "min-available-nodes": min_sites,
                               "min-train-nodes": min_sites, "min-evaluate-nodes": min_sites}
-    if args.rounds:
+    if args.rounds is not None:
         values["num-server-rounds"] = args.rounds
     values.update(parse_overrides(args.run_config))
+    check_run_config(values)  # a bad value fails here, not minutes later inside the ServerApp
     config_file = write_run_config(flwr_home / "run_config.toml", values)
 
     kept_database = database.is_file()
@@ -157,11 +162,7 @@ def coordinate(args: argparse.Namespace) -> int:
         stop_process(superlink)
         for s, h in previous.items():
             signal.signal(s, h)
-    summary = run_dir / "summary.json"
-    s = json.loads(summary.read_text()) if summary.is_file() else {}
-    if outcome.returncode != 0 or s.get("run_id") != outcome.run_id:
-        tail = "\n".join(outcome.lines[-40:])
-        raise RuntimeError(f"the run failed (flwr run exit {outcome.returncode}); last lines:\n{tail}")
+    s = finished_summary(outcome, run_dir)
     print(f"run {outcome.run_id} finished: {s['rounds_completed']} rounds, final federated C-index "
           f"{s['final'].get('c_index')}, Dice {s['final'].get('dice')}; outputs in {run_dir} "
           f"({outcome.seconds:.0f} s)", flush=True)

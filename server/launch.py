@@ -442,3 +442,42 @@ def app_dir() -> Path:
 def python_executable() -> str:
     """The running Python (virtual environment)."""
     return sys.executable
+
+
+def finished_summary(outcome: RunOutcome, run_dir: str | os.PathLike[str], *, tail_lines: int = 40) -> dict[str, Any]:
+    """The run directory's ``summary.json`` of a run that completed every round, else RuntimeError.
+
+    ``flwr run --stream`` exits 0 whatever the run's end (Flower 1.42 does not check its final status), so success
+    is read from the ServerApp's own summary: the same run id, no ``stopped`` reason (e.g. fewer sites than the
+    quorum) and ``rounds_completed == num_server_rounds``.
+    """
+    import json
+
+    path = Path(run_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    why = None
+    if outcome.returncode != 0:
+        why = f"flwr run exit {outcome.returncode}"
+    elif summary.get("run_id") != outcome.run_id:
+        why = f"no summary of run {outcome.run_id} in {path}"
+    elif summary.get("stopped"):
+        why = f"stopped early: {summary['stopped']}"
+    elif summary.get("rounds_completed") != summary.get("num_server_rounds"):
+        why = f"{summary.get('rounds_completed')} of {summary.get('num_server_rounds')} rounds completed"
+    if why is not None:
+        tail = "\n".join(outcome.lines[-tail_lines:])
+        raise RuntimeError(f"the federated run failed ({why}); outputs of the completed rounds, if any, in {run_dir}; "
+                           f"last lines:\n{tail}")
+    return summary
+
+
+def check_run_config(values: Mapping[str, Any]) -> Any:
+    """The :class:`~strpnet_core.federation.FederationConfig` of ``values`` (the run config keys a launcher sets or
+    overrides, the rest at their defaults), with its model and training configurations built: a bad key or value
+    raises ValueError naming it before anything starts."""
+    from strpnet_core.federation import FederationConfig
+
+    cfg = FederationConfig.from_run_config(dict(values))
+    cfg.model_config()
+    cfg.train_config()
+    return cfg

@@ -210,6 +210,8 @@ def simulate(
     from server.launch import (
         app_dir,
         check_resume,
+        check_run_config,
+        finished_summary,
         flwr_run_stream,
         refuse_if_running,
         start_superlink,
@@ -226,6 +228,10 @@ def simulate(
     t_start = time.monotonic()
     visible_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     simulation_resources(1, cpus_per_site, gpus_per_site, visible_gpus)  # bad GPU settings fail before the work
+    if sites is not None and sites < 1:
+        raise ValueError(f"--sites {sites}: at least 1 site")
+    rounds = check_run_config({"num-server-rounds": rounds, "seed": seed, "preset": preset,
+                               **(overrides or {})}).num_server_rounds  # so do bad -c values; -c may set the rounds
     run_dir = run_dir.resolve()
     resumed_from = check_resume(run_dir, resume)
     refuse_if_running(run_dir / "flower", "strpnet simulate")
@@ -326,12 +332,7 @@ def simulate(
                                   timeout_s=timeout_s, on_line=show)
     finally:
         stop_process(superlink)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    complete = summary.get("run_id") == outcome.run_id and summary.get("rounds_completed") == rounds
-    if outcome.returncode != 0 or not complete:
-        tail = "\n".join(outcome.lines[-60:])
-        raise RuntimeError(f"the federated run failed (flwr run exit {outcome.returncode}); last lines:\n{tail}")
+    summary = finished_summary(outcome, run_dir, tail_lines=60)
     summary["simulate_wall_seconds"] = time.monotonic() - t_start
     return summary
 

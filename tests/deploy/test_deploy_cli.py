@@ -29,6 +29,34 @@ def test_server_with_auth_needs_site_keys(caplog: pytest.LogCaptureFixture, tmp_
     assert "UNENCRYPTED" in caplog.text and "--site-key" in caplog.text
 
 
+def test_server_refuses_bad_run_values_before_starting(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    base = ["--insecure", "--no-auth", "--state-dir", str(tmp_path)]
+    assert server_main([*base, "--rounds", "0"]) == 1 and "num-server-rounds must be >= 1" in caplog.text
+    assert server_main([*base, "--min-sites", "0"]) == 1 and "--min-sites 0" in caplog.text
+    assert server_main([*base, "-c", "lr=-1"]) == 1 and "lr must be > 0" in caplog.text
+    assert not (tmp_path / "superlink.db").exists()  # nothing was started
+
+
+def test_a_run_that_stopped_early_is_a_failure(tmp_path: Path) -> None:
+    """flwr run --stream exits 0 whatever the run's end: success is read from the ServerApp's summary."""
+    import json
+
+    from server.launch import RunOutcome, finished_summary
+
+    ok = RunOutcome(returncode=0, run_id=7, lines=["..."], seconds=1.0)
+    summary = {"run_id": 7, "rounds_completed": 3, "num_server_rounds": 3, "stopped": None}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert finished_summary(ok, tmp_path)["rounds_completed"] == 3
+    for change, reason in (({"stopped": "fewer than the quorum"}, "stopped early: fewer than the quorum"),
+                           ({"rounds_completed": 2}, "2 of 3 rounds completed"),
+                           ({"run_id": 6}, "no summary of run 7")):
+        (tmp_path / "summary.json").write_text(json.dumps({**summary, **change}))
+        with pytest.raises(RuntimeError, match=reason):
+            finished_summary(ok, tmp_path)
+    with pytest.raises(RuntimeError, match="flwr run exit 1"):
+        finished_summary(RunOutcome(returncode=1, run_id=7, lines=[], seconds=1.0), tmp_path)
+
+
 def test_supernode_command_uses_tls_key_and_node_config(tmp_path: Path) -> None:
     args = client_parser().parse_args(["--superlink", "h:9092", "--ca", "ca.crt", "--key", "a.key"])
     cmd = supernode_command(args, site_name="a b", data_dir=tmp_path / "data dir", cache_dir=tmp_path / "c", port=9999)
