@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         cohort = args.work / f"cohort-{args.preset}"
         if not (cohort / "truth" / "cohort.json").exists():
             cli(["synth", "--out", str(cohort), "--sites", str(args.sites), "--patients", str(args.patients),
-                 "--preset", args.preset, "--seed", str(args.seed), "--no-png", "--no-progress"])
+                 "--preset", args.preset, "--seed", str(args.seed), "--no-png", "--no-progress", "--force"])
     settings = PipelineSettings.from_preset(args.preset)
     steps: dict[str, list[float]] = {}
     reg_long, reg_mod, n4_corr, n4_corr_varied, n4_resid, dices, zchk = [], [], [], [], [], [], []

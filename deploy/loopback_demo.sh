@@ -37,8 +37,12 @@ args=(); for s in "${SITES[@]}"; do args+=(--site "$s"); done
 
 if [[ -z $DATA ]]; then
   DATA=$WORK/data
-  echo "== 2. synthetic cohort ($PRESET, ~$PATIENTS patients per site) -> $DATA"
-  "$BIN/strpnet" synth --out "$DATA" --sites 3 --patients "$PATIENTS" --preset "$PRESET" --seed 0 --no-png
+  if [[ -f $DATA/truth/cohort.json ]]; then
+    echo "== 2. reusing the synthetic cohort in $DATA"
+  else
+    echo "== 2. synthetic cohort ($PRESET, ~$PATIENTS patients per site) -> $DATA"
+    "$BIN/strpnet" synth --out "$DATA" --sites 3 --patients "$PATIENTS" --preset "$PRESET" --seed 0 --no-png --force
+  fi
 fi
 [[ -n $PORT ]] || PORT=$("$BIN/python" -c "from strpnet_core.federation import free_port; print(free_port())")
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
+from pathlib import Path
 
 from strpnet_core.presets import PRESETS
 
@@ -32,7 +34,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="draw truth/<site>/<patient>/overview.png (default: on for demo and brats, off for ci)")
     g.add_argument("--no-png", dest="png", action="store_false", help="skip the overview PNGs (faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="replace the site-NN folders and truth/ of an earlier cohort in --out (refused otherwise: "
+                   "files of two cohorts must not mix)")
     p.set_defaults(func=run)
+
+
+def _clear_earlier_cohort(out: Path, force: bool) -> None:
+    """Refuse a non-empty ``out`` unless ``force``; with ``force`` remove what ``strpnet synth`` writes there
+    (``site-NN`` folders and ``truth/``), and refuse anything else it holds.
+
+    Raises
+    ------
+    ValueError
+        Naming the folder and what it holds.
+    """
+    import shutil
+
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    ours = [e for e in entries if e.is_dir() and (e.name == "truth" or re.fullmatch(r"site-\d+", e.name))]
+    if not force:
+        raise ValueError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0].name}): give an empty "
+                         f"folder, or --force to replace an earlier cohort there")
+    others = [e.name for e in entries if e not in ours]
+    if others:
+        raise ValueError(f"--out {out} holds files that strpnet synth did not write ({', '.join(others[:5])}); "
+                         f"--force only replaces site-NN folders and truth/")
+    for e in ours:
+        shutil.rmtree(e)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
+        _clear_earlier_cohort(Path(args.out), args.force)
         summary = generate_cohort(args.out, sites=args.sites, patients=args.patients, preset=args.preset,
                                   seed=args.seed, workers=args.workers, progress=not args.no_progress, png=args.png)
     except ValueError as exc:

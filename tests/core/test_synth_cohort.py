@@ -153,3 +153,19 @@ def test_cli_registers_synth_subcommand() -> None:
     assert (args.command, args.sites, args.patients, args.preset, args.seed, args.png) == (
         "synth", 4, "20", "demo", 3, False)
     assert callable(args.func)
+
+
+def test_cli_refuses_to_mix_two_cohorts(tmp_path: Path) -> None:
+    """A second `strpnet synth` into a non-empty --out is refused; --force replaces the earlier cohort (its site-NN
+    folders and truth/), so no site of the first one is left to train on; foreign files are never removed."""
+    from strpnet_core.cli import main as cli_main
+
+    out = tmp_path / "cohort"
+    base = ["synth", "--out", str(out), "--patients", "1", "--preset", "ci", "--no-png", "--no-progress"]
+    assert cli_main([*base, "--sites", "2"]) == 0 and (out / "site-02").is_dir()
+    assert cli_main([*base, "--sites", "1", "--seed", "5"]) == 2  # refused, nothing touched
+    assert (out / "site-02").is_dir()
+    assert cli_main([*base, "--sites", "1", "--seed", "5", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["site-01", "truth"]
+    (out / "notes.txt").write_text("mine")
+    assert cli_main([*base, "--sites", "1", "--force"]) == 2 and (out / "notes.txt").read_text() == "mine"
