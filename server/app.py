@@ -39,6 +39,10 @@ TEST_METRICS = ("c-index", "comparable", "dice", "loss", "n_patients", "n_events
 
 #: Model-defining keys that must not change across a resume.
 _FROZEN_ON_RESUME = ("model", "preset", "seed", "val_fraction")
+#: Keys a resume may change (warned): the training, aggregation, privacy and sampling knobs. With another value the
+#: resumed run no longer reaches the final model of an uninterrupted one.
+_WARNED_ON_RESUME = ("train", "aggregation", "trim_beta", "krum_num_malicious", "dp", "dp_noise_multiplier",
+                     "dp_clipping_norm", "fraction_train", "fraction_evaluate")
 
 
 def resolve_run_dir(cfg: FederationConfig, run_id: int) -> Path:
@@ -92,6 +96,10 @@ def main(grid: Grid, context: Context) -> None:
                     f"resume: {key} differs from the checkpoint's ({ckpt.config.get(key)!r} != "
                     f"{cfg.to_dict().get(key)!r}); a resumed run must keep the model and data settings"
                 )
+        for key in _WARNED_ON_RESUME:
+            if key in ckpt.config and ckpt.config[key] != cfg.to_dict().get(key):
+                log(WARNING, "[strpnet] resume: %s changed (%r -> %r): the final model will differ from that of an "
+                    "uninterrupted run", key, ckpt.config[key], cfg.to_dict().get(key))
         restore_rng(ckpt.rng)
         done, history = ckpt.server_round, list(ckpt.history)
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ckpt.weights.items()})

@@ -118,7 +118,15 @@ def remove_stale_parts(folder: str | os.PathLike[str], *, max_age_s: float = 7 *
 
 
 def _current_umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``): setting it to 0
+    even for an instant would let files that other threads create meanwhile be world-writable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: set briefly, to a strict value (nothing is created world-writable)
     os.umask(mask)
     return mask
 

@@ -434,7 +434,10 @@ def report_test_set(
         model, cfg, _ = load_trained_model(model_path)
     except ValueError as exc:
         raise ReportError(str(exc)) from None
-    cfg = dataclasses.replace(cfg, device=device)
+    try:
+        cfg = dataclasses.replace(cfg, device=device)
+    except ValueError as exc:
+        raise ReportError(f"--device {device!r}: {exc}") from None
     files = list_cache(cache) if cache.is_dir() else []
     if not files:
         raise ReportError(f"--test-cache {cache}: no cache file (<patient>.npz) found; build one with "
