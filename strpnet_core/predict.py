@@ -229,7 +229,7 @@ def prepare_patient(record: Any, site_name: str, cache_dir: str | os.PathLike[st
     from .preprocessing.pipeline import PipelineSettings, is_done, preprocess_patient
 
     settings = PipelineSettings.from_preset(preset)
-    if not is_done(cache_dir, record.patient_id, settings.hash(seed)):
+    if not is_done(cache_dir, record, settings.hash(seed)):
         log.info("preprocessing patient %s (preset %s)", record.patient_id, preset)
         res = preprocess_patient(record, site_name=site_name, out_dir=cache_dir, preset=settings, seed=seed)
         if res.status != "ok":

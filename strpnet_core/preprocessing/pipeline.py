@@ -233,16 +233,39 @@ def qc_path(out_dir: str | os.PathLike[str], patient_id: str) -> Path:
     return Path(out_dir) / f"{patient_id}.qc.json"
 
 
-def is_done(out_dir: str | os.PathLike[str], patient_id: str, settings_hash: str) -> bool:
-    """True when the patient's cache file exists and its QC record says ok with the same settings hash."""
-    cp, qp = cache_path(out_dir, patient_id), qc_path(out_dir, patient_id)
+def input_hash(record: Any) -> str:
+    """SHA-256 (16 hex digits) of what a patient's cache is made of: each scan's timepoint and day, each file's name,
+    size and modification time (images and recurrence mask), the event and the time.
+
+    A finished patient whose site added or replaced a scan or updated its outcome is due again (:func:`is_done`);
+    moving the site folder keeps the hash, a copy that resets modification times does not.
+    """
+    def stat(path: Any) -> list[Any]:
+        try:
+            st = os.stat(path)
+            return [Path(path).name, st.st_size, st.st_mtime_ns]
+        except OSError:
+            return [Path(path).name, None, None]
+
+    doc = {"scans": [[s.timepoint, float(s.day), {m: stat(f) for m, f in sorted(s.images.items())}]
+                     for s in record.scans],
+           "recurrence": None if getattr(record, "recurrence", None) is None else stat(record.recurrence),
+           "event": record.event, "time": record.time_days}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_done(out_dir: str | os.PathLike[str], record: Any, settings_hash: str) -> bool:
+    """True when the patient's cache file exists and its QC record says ok with the same settings hash and the same
+    :func:`input_hash` of ``record``."""
+    cp, qp = cache_path(out_dir, record.patient_id), qc_path(out_dir, record.patient_id)
     if not (cp.exists() and qp.exists()):
         return False
     try:
         qc = json.loads(qp.read_text())
     except (OSError, ValueError):
         return False
-    return qc.get("status") == "ok" and qc.get("settings_hash") == settings_hash
+    return (qc.get("status") == "ok" and qc.get("settings_hash") == settings_hash
+            and qc.get("input_hash") == input_hash(record))
 
 
 def _read(path: Path, patient_id: str, timepoint: str, modality: str) -> sitk.Image:
@@ -353,9 +376,10 @@ def preprocess_patient(
     out_dir = Path(out_dir)
     pid = record.patient_id
     t_start = time.perf_counter()
-    qc: dict[str, Any] = {"patient_id": pid, "site": site_name, "settings_hash": shash, "seed": seed,
-                          "preset": settings.preset, "settings": settings.to_dict(), "version": __version__,
-                          "scans": [], "status": "failed", "error": None}
+    qc: dict[str, Any] = {"patient_id": pid, "site": site_name, "settings_hash": shash,
+                          "input_hash": input_hash(record), "seed": seed, "preset": settings.preset,
+                          "settings": settings.to_dict(), "version": __version__, "scans": [], "status": "failed",
+                          "error": None}
     try:
         result = _run_patient(record, site_name, out_dir, settings, seed, shash, qc, transforms_out)
     except Exception as exc:  # noqa: BLE001 - every failure is reported per patient
@@ -366,6 +390,7 @@ def preprocess_patient(
                        "message": str(exc)}
         qc["seconds_total"] = time.perf_counter() - t_start
         atomic_write_json(qc_path(out_dir, pid), qc)
+        cache_path(out_dir, pid).unlink(missing_ok=True)  # an earlier run's file must not stand in for this failure
         log.warning("%s", exc)
         return PatientResult(pid, "failed", qc["seconds_total"], error=str(exc))
     result.seconds = time.perf_counter() - t_start
@@ -379,6 +404,7 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
     scans = list(record.scans)
     if not scans:
         raise PreprocessError(pid, "input", "no scan")
+    rec_img = _recurrence_mask(record, qc)  # checked before the costly steps; a defective one is only dropped
     pre = _prepare_scan(pid, scans[0], settings, seed)
     qc["scans"].append(pre.qc)
     fixed, fixed_mask = pre.corrected[REFERENCE_MODALITY], pre.mask
@@ -445,23 +471,36 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
             kept.append((w, tx, long_field))
 
     # One resampling per image: image_{k,m} on G = N4(I_{k,m})(R_{k,m}(L_k(x))), L_k through its field.
-    images = np.zeros((len(kept), len(MODALITIES), *settings.grid_shape), dtype=settings.image_dtype)
+    # A follow-up that cannot be normalised (e.g. constant inside the brain) is excluded; the pre-op scan fails the
+    # patient.
+    stack: list[np.ndarray] = []
+    normalised: list[tuple[_ScanWork, sitk.Transform, sitk.Transform]] = []
     for k, (w, long_tx, long_field) in enumerate(kept):
         t0 = time.perf_counter()
-        for c, m in enumerate(MODALITIES):
-            if transforms_out is not None:
-                transforms_out[(w.timepoint, m)] = compose(w.to_t1c[m], long_tx)
-            arr = resample_to_grid(w.corrected[m], grid, compose(w.to_t1c[m], long_field))
-            try:
-                images[k, c] = z_score_normalize(arr, grid_mask)
-            except ValueError as exc:
-                raise PreprocessError(pid, "normalize", str(exc), timepoint=w.timepoint, modality=m) from exc
-        w.qc["seconds"]["resample"] = time.perf_counter() - t0
+        scan_images = np.zeros((len(MODALITIES), *settings.grid_shape), dtype=settings.image_dtype)
+        try:
+            for c, m in enumerate(MODALITIES):
+                arr = resample_to_grid(w.corrected[m], grid, compose(w.to_t1c[m], long_field))
+                try:
+                    scan_images[c] = z_score_normalize(arr, grid_mask)
+                except ValueError as exc:
+                    raise PreprocessError(pid, "normalize", str(exc), timepoint=w.timepoint, modality=m) from exc
+        except PreprocessError as exc:
+            if k == 0:
+                raise
+            w.qc.update(included=False, reason=str(exc))
+            w.qc["flags"].append("step normalize failed")
+            continue
+        finally:
+            w.qc["seconds"]["resample"] = time.perf_counter() - t0
+        if transforms_out is not None:
+            transforms_out.update({(w.timepoint, m): compose(w.to_t1c[m], long_tx) for m in MODALITIES})
+        stack.append(scan_images)
+        normalised.append((w, long_tx, long_field))
+    kept = normalised
+    images = np.stack(stack)
 
-    recurrence = None
-    if getattr(record, "recurrence", None) is not None:
-        rec_img = _read_mask(Path(record.recurrence), pid)
-        recurrence = resample_to_grid(rec_img, grid, label=True)
+    recurrence = None if rec_img is None else resample_to_grid(rec_img, grid, label=True)
 
     timepoints = [w.timepoint for w, *_ in kept]
     excluded = {s["timepoint"]: s["reason"] for s in qc["scans"] if not s["included"]}
@@ -488,13 +527,27 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
     return PatientResult(pid, "ok", timepoints=timepoints, excluded_scans=excluded, cache_file=str(cp))
 
 
-def _read_mask(path: Path, pid: str) -> sitk.Image:
-    try:
-        from ..site import read_image_checked
+def _recurrence_mask(record: Any, qc: dict[str, Any]) -> sitk.Image | None:
+    """The patient's recurrence mask, read and checked (readable, only 0 and 1, not empty), or None.
 
-        return read_image_checked(path, allow_constant=True)
-    except Exception as exc:
-        raise PreprocessError(pid, "read", str(exc), path=path) from exc
+    The validator checks headers only on this path, so the voxels are checked here. A defective mask is dropped, as
+    the validator drops it (the patient trains the risk only): the reason, naming the file, goes to the QC record
+    (``recurrence_dropped``) and the log.
+    """
+    path = getattr(record, "recurrence", None)
+    if path is None:
+        return None
+    from ..site import ImageDefect, check_binary_mask, read_image_checked
+
+    try:
+        img = read_image_checked(path, allow_constant=True)
+        if check_binary_mask(path, img) == 0:
+            raise ImageDefect(path, "empty recurrence mask (no voxel = 1)")
+    except Exception as exc:  # ImageDefect, RuntimeError
+        qc["recurrence_dropped"] = str(exc)
+        log.warning("patient %s: recurrence mask dropped: %s", record.patient_id, exc)
+        return None
+    return img
 
 
 def _skipped_result(out_dir: Path, patient_id: str) -> PatientResult:
@@ -517,6 +570,32 @@ def _worker_init(threads: int, parent_pid: int | None = None) -> None:
 def _worker(args: tuple[Any, str, str, PipelineSettings, int]) -> PatientResult:
     record, site_name, out_dir, settings, seed = args
     return preprocess_patient(record, site_name=site_name, out_dir=out_dir, preset=settings, seed=seed)
+
+
+def _run_pool(jobs: list[tuple[Any, str, str, PipelineSettings, int]], workers: int, threads: int,
+              results: dict[str, PatientResult], bar: Any, *, last_try: bool = False) -> list[Any]:
+    """Run ``jobs`` in a spawned process pool, store each result; return the jobs a broken pool lost (none when
+    ``last_try``: they are reported as crashed)."""
+    lost: set[int] = set()
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                initargs=(threads, os.getpid())) as ex:
+        futures = {ex.submit(_worker, job): i for i, job in enumerate(jobs)}
+        for fut in cf.as_completed(futures):
+            i = futures[fut]
+            pid = jobs[i][0].patient_id
+            try:
+                results[pid] = fut.result()
+            except cf.process.BrokenProcessPool as exc:
+                if not last_try:
+                    lost.add(i)
+                    continue
+                results[pid] = PatientResult(pid, "failed", error=f"patient {pid}: its worker process died ({exc}); "
+                                             f"killed for memory? run it alone with --workers 1 to see more")
+            except Exception as exc:  # noqa: BLE001 - e.g. a job that cannot be sent to the worker
+                results[pid] = PatientResult(pid, "failed", error=f"patient {pid}: worker failed: "
+                                             f"{type(exc).__name__}: {exc}")
+            bar.update(1)
+    return [job for i, job in enumerate(jobs) if i in lost]
 
 
 def longest_first(records: Sequence[Any]) -> list[Any]:
@@ -546,7 +625,12 @@ def preprocess_site(
     temporary files a killed earlier run left are removed (``fsutil.remove_stale_parts``; every file is written
     atomically, so a kill never leaves a partial file under a final name).  ``workers`` > 1 runs one patient per
     process (bounded memory); each process uses ``threads`` SimpleITK threads (default: cores // workers).
-    Results come back in patient order whatever the completion order; the output does not depend on ``workers``.
+    Results come back in patient order whatever the completion order; the output does not depend on ``workers``
+    or the order for a given ``threads`` (SimpleITK's multithreaded sums differ in the last bits, ~1e-14 relative in
+    the transform parameters, with another thread count). A worker process that dies takes only its own patient.
+    A patient is done when its cache file and QC record match the settings hash and :func:`input_hash` (scans,
+    files and outcome): one whose site added a scan or updated its outcome is preprocessed again, and the cache
+    file of a patient that now fails or is excluded by validation is removed.
     A defective case never stops the site: its reason (naming the file) is in the report, which is also written to
     ``out_dir/preprocess_report.json`` (:data:`REPORT_NAME`).
     """
@@ -570,7 +654,7 @@ def preprocess_site(
     results: dict[str, PatientResult] = {}
     todo = []
     for rec in index.patients:
-        if is_done(out, rec.patient_id, shash):
+        if is_done(out, rec, shash):
             results[rec.patient_id] = _skipped_result(out, rec.patient_id)
         else:
             todo.append(rec)
@@ -588,20 +672,19 @@ def preprocess_site(
         finally:
             sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(old)
     else:
-        ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                    initargs=(threads, os.getpid())) as ex:
-            futures = {ex.submit(_worker, job): job[0].patient_id for job in jobs}
-            for fut in cf.as_completed(futures):
-                pid = futures[fut]
-                try:
-                    r = fut.result()
-                except Exception as exc:  # a crashed worker (e.g. killed for memory)
-                    r = PatientResult(pid, "failed", error=f"patient {pid}: worker crashed: {exc}")
-                results[pid] = r
-                bar.update(1)
+        # A worker that dies (killed for memory, a crash in native code) breaks the whole pool: every unfinished
+        # patient's future fails with it. Those are run again one per fresh single-worker pool, so that a crash
+        # then names its own patient and the others finish.
+        again = _run_pool(jobs, workers, threads, results, bar)
+        for job in again:
+            _run_pool([job], 1, threads, results, bar, last_try=True)
     bar.close()
     ordered = [results[rec.patient_id] for rec in index.patients]
+    # A patient rejected now (excluded by validation, or failed) must not be trained on an earlier run's file.
+    for pid in [*index.excluded, *(r.patient_id for r in ordered if r.status == "failed")]:
+        if cache_path(out, pid).exists():
+            cache_path(out, pid).unlink()
+            log.warning("removed %s: the patient is now rejected", cache_path(out, pid))
     excluded = {pid: [str(p) for p in probs] for pid, probs in index.excluded.items()}
     site_problems = [str(p) for p in index.problems if p.patient_id is None and p.level == ERROR]
     dropped = {rec.patient_id: [str(p) for p in index.patient_problems(rec.patient_id) if p.level == ERROR]

@@ -24,13 +24,16 @@ def robust_z(values: Sequence[float]) -> np.ndarray:
     The floor on ``s`` keeps a near-identical set of values (MAD ~ 0) from flagging ordinary differences (the
     anatomy changes between scans: tumour, resection): with the default limit of 3, a registration is flagged only
     when it lost more than 60 % of the median mutual information.
-    Fewer than 3 values: all zeros (no peer group).
+    Median and MAD are taken over the finite values only (a diverged registration's NaN must not blind the check
+    for the others; its own z is NaN, and :func:`metric_flags` flags it as not finite). Fewer than 3 finite values:
+    all zeros (no peer group).
     """
     v = np.asarray(values, dtype=np.float64)
-    if v.size < 3:
+    finite = v[np.isfinite(v)]
+    if finite.size < 3:
         return np.zeros_like(v)
-    med = float(np.median(v))
-    mad = float(np.median(np.abs(v - med)))
+    med = float(np.median(finite))
+    mad = float(np.median(np.abs(finite - med)))
     s = max(1.4826 * mad, 0.2 * abs(med), 1e-3)
     return (v - med) / s
 

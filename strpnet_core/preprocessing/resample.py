@@ -74,8 +74,10 @@ def resample_to_grid(
     """
     tx = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
     if label:
-        out = sitk.Resample(image, grid, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        return (sitk.GetArrayFromImage(out) > 0).astype(np.uint8)
+        # non-zero -> 1 BEFORE the cast: a cast to uint8 would turn a fractional label such as 0.6 into 0
+        out = sitk.Resample(sitk.Cast(image != 0, sitk.sitkUInt8), grid, tx, sitk.sitkNearestNeighbor, 0,
+                            sitk.sitkUInt8)
+        return sitk.GetArrayFromImage(out).astype(np.uint8)
     out = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 

@@ -215,3 +215,5 @@ def test_qc_flags() -> None:
     assert metric_flags(peers[3], peers, 3)
     assert not metric_flags(peers[0], peers, 0)
     assert metric_flags(float("nan"), peers, 0)
+    with_nan = [*peers, float("nan")]  # a diverged peer does not hide the bad one
+    assert metric_flags(with_nan[3], with_nan, 3) and not metric_flags(with_nan[0], with_nan, 0)
