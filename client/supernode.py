@@ -139,7 +139,7 @@ def run_site(args: argparse.Namespace) -> int:
     if not args.skip_prepare:
         t0 = time.monotonic()
         info = prepare_site_cache(data_dir, cache_dir, site_name=site_name, preset=args.preset, seed=args.seed,
-                                  workers=args.workers, progress=sys.stderr.isatty())
+                                  workers=args.workers, progress=sys.stderr.isatty(), refresh=True)
         log.info("site %s: %d patient(s) ready in %s (%.0f s)", site_name, info.num_patients, cache_dir,
                  time.monotonic() - t0)
     port = args.port or free_port()

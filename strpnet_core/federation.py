@@ -471,13 +471,17 @@ def prepare_site_cache(
     workers: int = 1,
     progress: bool = False,
     lock_timeout_s: float = 6 * 3600.0,
+    refresh: bool = False,
 ) -> SiteCache:
     """Make sure ``cache_dir`` holds the site's preprocessed patients; return it.
 
     The first caller validates ``data_dir`` and preprocesses it into ``cache_dir`` (``strpnet_core.preprocessing``),
     then writes the marker :data:`READY_MARKER`; later callers (and concurrent ones, which wait on a file lock) reuse
-    the cache. A cache filled by other means (``strpnet preprocess``, tests) is accepted when ``data_dir`` is None or
-    does not exist and the folder holds cache files.
+    the cache. With ``refresh`` (``flower-client`` at start-up) a ready cache is brought up to date with
+    ``data_dir`` instead: validation again, new or changed patients preprocessed, finished ones skipped
+    (``preprocessing.pipeline.input_hash``), rejected ones' cache files removed. A cache filled by other means
+    (``strpnet preprocess``, tests) is accepted when ``data_dir`` is None or does not exist and the folder holds
+    cache files.
 
     Parameters
     ----------
@@ -493,6 +497,8 @@ def prepare_site_cache(
         Passed to ``preprocess_site``.
     lock_timeout_s:
         How long a concurrent first use waits for the one that holds the lock.
+    refresh:
+        Update a ready cache from ``data_dir`` (when it exists) instead of reusing it as it is.
 
     Returns
     -------
@@ -512,10 +518,11 @@ def prepare_site_cache(
     from .site import NoUsablePatientError
 
     cache = Path(cache_dir)
-    info = _read_marker(cache)
+    update = refresh and data_dir is not None and Path(data_dir).is_dir()
+    info = None if update else _read_marker(cache)
     if info is None:
         with _file_lock(cache / LOCK_FILE, lock_timeout_s):
-            info = _read_marker(cache)  # somebody may have finished while we waited
+            info = None if update else _read_marker(cache)  # somebody may have finished while we waited
             if info is None:
                 info = _build_cache(data_dir, cache, site_name=site_name, preset=preset, seed=seed,
                                     workers=workers, progress=progress)
@@ -538,18 +545,12 @@ def _build_cache(
 ) -> dict[str, Any]:
     raw = Path(data_dir) if data_dir else None
     if raw is not None and raw.is_dir():
-        from .cache import cache_path
         from .preprocessing.pipeline import preprocess_site
         from .site import NoUsablePatientError
 
         log.info("site %s: validating and preprocessing %s into %s (preset %s)", site_name, raw, cache, preset)
+        # (a case rejected now loses the cache file of an earlier build: preprocess_site removes it)
         report = preprocess_site(raw, cache, workers=workers, preset=preset, seed=seed, progress=progress)
-        # A case rejected now may have a cache file from an earlier build on other data: it must not be trained on.
-        for pid in [*report.excluded, *(r.patient_id for r in report.failed)]:
-            stale = cache_path(cache, pid)
-            if stale.exists():
-                log.warning("site %s: removing %s (the patient is now rejected)", site_name, stale)
-                stale.unlink()
         if report.rejected:
             log.warning("site %s: %d patient(s) rejected (details in %s):\n%s", site_name, report.rejected,
                         report.report_path, report.table())

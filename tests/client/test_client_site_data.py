@@ -52,6 +52,31 @@ def test_simulation_partition_maps_to_the_pth_site(tmp_path: Path) -> None:
         resolve_site({"foo": 1}, cfg)
 
 
+def test_refresh_brings_a_ready_cache_up_to_date(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ready cache is reused by the ClientApp as it is; flower-client (refresh) runs the incremental preprocessing
+    again, which skips finished patients and redoes new or changed ones (preprocess_site, input_hash)."""
+    from strpnet_core.preprocessing import pipeline
+
+    calls: list[Path] = []
+
+    def fake_preprocess_site(raw: Path, cache: Path, **kw: object) -> pipeline.PreprocessReport:
+        calls.append(Path(raw))
+        _cache(Path(cache), n=2)
+        return pipeline.PreprocessReport("site-01", str(cache), "h", [pipeline.PatientResult("P0", "ok"),
+                                                                      pipeline.PatientResult("P1", "ok")])
+
+    monkeypatch.setattr(pipeline, "preprocess_site", fake_preprocess_site)
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    raw.mkdir()
+    assert prepare_site_cache(raw, cache, site_name="site-01", preset="ci").num_patients == 2
+    prepare_site_cache(raw, cache, site_name="site-01", preset="ci")  # ready: reused
+    assert len(calls) == 1
+    prepare_site_cache(raw, cache, site_name="site-01", preset="ci", refresh=True)
+    assert len(calls) == 2 and (cache / READY_MARKER).is_file()
+    prepare_site_cache(None, cache, site_name="site-01", preset="ci", refresh=True)  # no raw folder: as it is
+    assert len(calls) == 2
+
+
 def test_existing_cache_is_accepted_and_marked(tmp_path: Path) -> None:
     site = _cache(tmp_path / "site-01")
     info = prepare_site_cache(None, site, site_name="site-01", preset="ci")
