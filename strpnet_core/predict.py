@@ -420,6 +420,7 @@ def predict_patient(
     preset: str | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> PredictionResult:
     """Predict one patient and write the four outputs (see the module docstring).
 
@@ -446,6 +447,9 @@ def predict_patient(
     cache_dir:
         Where the preprocessed cache file goes (default ``OUT_DIR/preprocessed``); a file there with the same
         settings is reused.
+    force:
+        Replace this patient's outputs of an earlier prediction in ``out_dir`` (refused otherwise). Its JSON, which
+        names the model, goes first: an interrupted run leaves no JSON describing maps of another model.
 
     Returns
     -------
@@ -480,6 +484,12 @@ def predict_patient(
     record, site_name = select_patient(patient_dir, patient_id)
     pid = record.patient_id
     out = Path(out_dir)
+    earlier = [out / f"{pid}{suffix}" for suffix in (JSON_SUFFIX, PROB_SUFFIX, MASK_SUFFIX, PNG_SUFFIX)
+               if (out / f"{pid}{suffix}").exists()]
+    if earlier and not force:
+        raise PredictError(f"--out: {earlier[0]} exists (an earlier prediction of {pid}); use --force to replace it")
+    for path in earlier:
+        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     cached = prepare_patient(record, site_name, Path(cache_dir) if cache_dir else out / CACHE_SUBDIR, preset, seed)
     prob_grid, risk, where = run_model(model, train_cfg, cached, device)

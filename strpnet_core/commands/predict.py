@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="preprocessing seed (default 0)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="preprocessed cache folder to reuse or fill (default OUT_DIR/preprocessed)")
+    p.add_argument("--force", action="store_true", help="replace an earlier prediction of the patient in OUT_DIR")
     p.set_defaults(func=run)
 
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         res = predict_patient(
             args.patient_dir, args.model, args.out, threshold=args.threshold, device=args.device,
             risk_reference=args.risk_reference, patient_id=args.patient, preset=args.preset, seed=args.seed,
-            cache_dir=args.cache,
+            cache_dir=args.cache, force=args.force,
         )
     except PredictError as exc:
         print(f"strpnet predict: error: {exc}", file=sys.stderr)

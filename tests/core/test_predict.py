@@ -434,9 +434,13 @@ def test_cli_end_to_end_writes_the_four_outputs(cohort: Path, trained: dict, pre
 
     pixels = mpimg.imread(out / f"{pid}{PNG_SUFFIX}")
     assert pixels.shape[0] > 200 and float(pixels[..., :3].std()) > 0.05  # not blank
-    # Without a reference next to the model the percentile is null, with a note.
+    # Without a reference next to the model the percentile is null, with a note. The earlier prediction in the same
+    # folder is replaced only with --force.
     shutil.copy(trained["model"], tmp_path / "model.pt")
-    rc = cli.main(["predict", str(folder), "--model", str(tmp_path / "model.pt"), "--out", str(out), "--preset", "ci"])
+    again = ["predict", str(folder), "--model", str(tmp_path / "model.pt"), "--out", str(out), "--preset", "ci"]
+    assert cli.main(again) == 2 and "use --force" in capsys.readouterr().err
+    assert json.loads((out / f"{pid}{JSON_SUFFIX}").read_text()) == summary  # untouched
+    rc = cli.main([*again, "--force"])
     assert rc == 0
     summary = json.loads((out / f"{pid}{JSON_SUFFIX}").read_text())
     assert summary["risk_percentile"] is None and "no risk reference" in summary["risk_percentile_note"]
