@@ -105,7 +105,8 @@ class PipelineSettings:
         p = get_preset(preset) if isinstance(preset, str) else preset
         coarse = p.grid_spacing_mm >= 4
         bspline = None if coarse else BSplineSettings()
-        demons = DemonsSettings() if coarse else None
+        # Demons forces of the T1c and the T2w averaged: 7-11 % lower error than the T1c alone (docs/preprocessing.md)
+        demons = DemonsSettings(channels=("t1c", "t2w")) if coarse else None
         k = max(1, int(round(4.0 / p.scan_spacing_mm)))
         # On finer scans the levels stop at ~4 mm voxels, where a final step of 0.01 mm (physical-shift scales: a
         # unit step moves no voxel by more than 1 mm) is as good as 0.001 mm and takes ~25 % fewer iterations
@@ -351,6 +352,16 @@ def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: 
     return _ScanWork(tp, float(scan.day), corrected, mask, to_t1c, qc)
 
 
+def _demons_channels(work: _ScanWork, settings: PipelineSettings) -> list[sitk.Image]:
+    """The scan's N4-corrected images of the demons channels other than the T1c (``DemonsSettings.channels``), in
+    its T1c space (through the within-scan rigid; for the registration only, not the cached images)."""
+    if settings.demons is None:
+        return []
+    t1c = work.corrected[REFERENCE_MODALITY]
+    return [sitk.Resample(work.corrected[m], t1c, work.to_t1c[m], sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            for m in settings.demons.channels if m != REFERENCE_MODALITY]
+
+
 def preprocess_patient(
     record: Any,
     *,
@@ -415,6 +426,7 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
         raise PreprocessError(pid, "resample", "the brain mask is empty on the model grid")
     identity = sitk.Transform(3, sitk.sitkIdentity)
     kept: list[tuple[_ScanWork, sitk.Transform, sitk.Transform]] = [(pre, identity, identity)]
+    pre_channels = _demons_channels(pre, settings)
     pre.qc["seconds"]["register_longitudinal"] = 0.0
 
     # Follow-ups: prepare and register; failures exclude the scan (with its reason), never the patient.
@@ -434,7 +446,8 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
         try:
             res = register_longitudinal(fixed, moving, fixed_mask=fixed_mask, rigid=settings.linear,
                                         affine=settings.linear, bspline=settings.bspline, demons=settings.demons,
-                                        moving_brain=work.mask, seed=seed)
+                                        moving_brain=work.mask, seed=seed,
+                                        demons_extra=list(zip(pre_channels, _demons_channels(work, settings))))
             final = res.evaluated
             long_field = displacement_field_on_grid(res.transform, grid)
             overlap = dice(resample_to_grid(work.mask, grid, long_field, label=True), grid_mask)
@@ -712,11 +725,13 @@ def estimate_transforms(
     pre = _prepare_scan(record.patient_id, scans[0], settings, seed)
     fixed, fixed_mask = pre.corrected[REFERENCE_MODALITY], pre.mask
     out = {(pre.timepoint, m): compose(pre.to_t1c[m], sitk.Transform(3, sitk.sitkIdentity)) for m in MODALITIES}
+    pre_channels = _demons_channels(pre, settings)
     for scan in scans[1:]:
         w = _prepare_scan(record.patient_id, scan, settings, seed)
         res = register_longitudinal(fixed, w.corrected[REFERENCE_MODALITY], fixed_mask=fixed_mask,
                                     rigid=settings.linear, affine=settings.linear, bspline=settings.bspline,
-                                    demons=settings.demons, moving_brain=w.mask, seed=seed)
+                                    demons=settings.demons, moving_brain=w.mask, seed=seed,
+                                    demons_extra=list(zip(pre_channels, _demons_channels(w, settings))))
         for m in MODALITIES:
             out[(w.timepoint, m)] = compose(w.to_t1c[m], res.transform)
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +84,12 @@ class DemonsSettings:
 
     sigma_mm: float = 2.0
     iterations: int = 50
+    #: Modalities whose demons forces are averaged (equal weights), each pair z-scored in its brain mask; other
+    #: modalities than the T1c enter in their own scan's T1c space (through the within-scan rigid). The ci preset
+    #: uses ("t1c", "t2w"): mean error vs truth on ci cohorts of seeds 7 / 11 / 21 (6 / 12 / 12 follow-ups, 2026-12-07)
+    #: 1.057 / 1.333 / 1.215 mm with the T1c alone, 0.980 / 1.227 / 1.087 with the T2w added, 0.991 / 1.260 / - with
+    #: all four modalities; with T1c + T2w a sigma of 1.5 mm gave 1.148 / 1.239, 3 mm 0.937 / 1.365.
+    channels: tuple[str, ...] = ("t1c",)
 
 
 @dataclass
@@ -348,6 +355,7 @@ def register_demons(
     fixed_mask: sitk.Image,
     moving_mask: sitk.Image,
     settings: DemonsSettings = DemonsSettings(),
+    extra: Sequence[tuple[sitk.Image, sitk.Image]] = (),
 ) -> RegistrationResult:
     """Dense refinement of a same-modality registration: ``T = L ∘ (id + u)`` with ``u`` a displacement field on
     the fixed grid.
@@ -362,6 +370,12 @@ def register_demons(
     (``G_sigma``: Gaussian of ``settings.sigma_mm``, K: the mean squared voxel spacing).  The metric reported is
     the filter's final mean squared difference (lower = better; not comparable with Mattes MI).
 
+    ``extra``: further channels, pairs (image on the fixed grid, image on the moving grid) aligned with ``fixed``
+    and ``moving`` (e.g. the T2w of each scan in its T1c space).  Then every iteration averages the channels'
+    updates, ``u <- G_sigma * (u + mean_c du_c)`` (multichannel demons, equal weights: ITK runs one iteration per
+    channel from the current field, and the mean of the smoothed fields is the smoothed mean, the smoothing being
+    linear), and the metric is the mean over channels.
+
     Raises
     ------
     RegistrationError
@@ -369,23 +383,42 @@ def register_demons(
     """
     t0 = time.perf_counter()
     fixed_f = _as_float(fixed)
-    f = _zscore_in(fixed_f, fixed_mask)
-    m = sitk.Resample(_zscore_in(_as_float(moving), moving_mask), fixed_f, linear, sitk.sitkLinear, 0.0,
-                      sitk.sitkFloat32)
-    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-    demons.SetNumberOfIterations(int(settings.iterations))
-    demons.SetSmoothDisplacementField(True)
-    demons.SetStandardDeviations(float(settings.sigma_mm))
-    demons.SetUseImageSpacing(True)
+    pairs = [(_zscore_in(_as_float(fi), fixed_mask),
+              sitk.Resample(_zscore_in(_as_float(mi), moving_mask), fixed_f, linear, sitk.sitkLinear, 0.0,
+                            sitk.sitkFloat32)) for fi, mi in [(fixed, moving), *extra]]
+
+    def demons_filter(iterations: int) -> sitk.FastSymmetricForcesDemonsRegistrationFilter:
+        d = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+        d.SetNumberOfIterations(iterations)
+        d.SetSmoothDisplacementField(True)
+        d.SetStandardDeviations(float(settings.sigma_mm))
+        d.SetUseImageSpacing(True)
+        return d
+
     try:
-        field_img = demons.Execute(f, m)
+        if len(pairs) == 1:
+            demons = demons_filter(int(settings.iterations))
+            field_img = demons.Execute(*pairs[0])
+            metric = float(demons.GetMetric())
+            stop = f"{demons.GetElapsedIterations()} iterations"
+        else:
+            field_img = None
+            for _ in range(int(settings.iterations)):
+                fields, metrics = [], []
+                for f, m in pairs:
+                    d = demons_filter(1)
+                    out = d.Execute(f, m) if field_img is None else d.Execute(f, m, field_img)
+                    fields.append(sitk.GetArrayViewFromImage(out).astype(np.float64))
+                    metrics.append(float(d.GetMetric()))
+                field_img = sitk.GetImageFromArray(np.mean(fields, axis=0), isVector=True)
+                field_img.CopyInformation(fixed_f)
+            metric = float(np.mean(metrics))
+            stop = f"{int(settings.iterations)} iterations, {len(pairs)} channels"
     except RuntimeError as exc:
         raise RegistrationError(f"demons registration failed: {exc}") from exc
-    metric = float(demons.GetMetric())
     _check_metric(metric, "demons")
     dense = sitk.DisplacementFieldTransform(sitk.Cast(field_img, sitk.sitkVectorFloat64))
     secs = time.perf_counter() - t0
-    stop = f"{demons.GetElapsedIterations()} iterations"
     return RegistrationResult(compose(linear, dense), metric, stop, secs,
                               {"demons": {"metric": metric, "seconds": secs, "stop": stop}})
 
@@ -442,12 +475,13 @@ def register_longitudinal(
     demons: DemonsSettings | None = None,
     moving_brain: sitk.Image | None = None,
     seed: int = 0,
+    demons_extra: Sequence[tuple[sitk.Image, sitk.Image]] = (),
 ) -> RegistrationResult:
     """Rigid -> affine -> B-spline -> demons (each optional after rigid) registration of a follow-up T1c (moving)
     to the pre-op T1c (fixed).  The B-spline and the demons results are each kept only when they lower
     :func:`evaluate_metric` (a common seeded sample); otherwise the previous transform is returned.  The demons
-    stage (:func:`register_demons`) needs both brain masks (``fixed_mask``, ``moving_brain``) to normalise the
-    intensities.  The metric reported is the optimiser's value of the last kept stage; per-stage values are in
+    stage (:func:`register_demons`, with the further channels ``demons_extra``) needs both brain masks
+    (``fixed_mask``, ``moving_brain``) to normalise the intensities.  The metric reported is the optimiser's value of the last kept stage; per-stage values are in
     ``stages``; ``evaluated`` is :func:`evaluate_metric` of the returned transform."""
     t0 = time.perf_counter()
     res = register_rigid(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, settings=rigid, seed=seed)
@@ -476,7 +510,7 @@ def register_longitudinal(
         if fixed_mask is None or moving_brain is None:
             raise ValueError("register_longitudinal: the demons stage needs fixed_mask and moving_brain")
         r = register_demons(fixed, moving, linear=tx, fixed_mask=fixed_mask, moving_mask=moving_brain,
-                            settings=demons)
+                            settings=demons, extra=demons_extra)
         after = evaluate_metric(fixed, moving, r.transform, fixed_mask=fixed_mask)
         r.stages["demons"].update({"eval_before": evaluated, "eval_after": after, "accepted": str(after < evaluated)})
         stages.update(r.stages)
