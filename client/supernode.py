@@ -1,6 +1,7 @@
 """``flower-client``: a hospital site of a real deployment.
 
-Checks and preprocesses the site's data into its cache (once; reused afterwards), then runs Flower's SuperNode
+Checks and preprocesses the site's data into its cache (at every start: new and changed patients preprocessed,
+finished ones skipped), then runs Flower's SuperNode
 (``flower-supernode``) with the federation's CA certificate, the site's private key (node authentication) and
 the node config that the ClientApp reads: ``data-dir``, ``cache-dir``, ``site-name`` and, when given, the site's own
 privacy settings ``min-eval-patients`` (small-count rule) and ``audit-log`` (``client/audit.py``). Stops the
