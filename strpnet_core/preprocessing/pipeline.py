@@ -57,6 +57,7 @@ from .registration import (
 )
 from .resample import (
     displacement_field_on_grid,
+    field_of_view_on_grid,
     grid_geometry,
     model_grid,
     resample_mask_like,
@@ -493,9 +494,13 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
         scan_images = np.zeros((len(MODALITIES), *settings.grid_shape), dtype=settings.image_dtype)
         try:
             for c, m in enumerate(MODALITIES):
-                arr = resample_to_grid(w.corrected[m], grid, compose(w.to_t1c[m], long_field))
+                to_image = compose(w.to_t1c[m], long_field)
+                arr = resample_to_grid(w.corrected[m], grid, to_image)
+                # statistics over the brain voxels the image covers: a follow-up with a smaller field of view
+                # would otherwise count the resampler's zeros as tissue; uncovered brain voxels stay 0
+                seen = grid_mask & field_of_view_on_grid(w.corrected[m], grid, to_image)
                 try:
-                    scan_images[c] = z_score_normalize(arr, grid_mask)
+                    scan_images[c] = z_score_normalize(arr, seen)
                 except ValueError as exc:
                     raise PreprocessError(pid, "normalize", str(exc), timepoint=w.timepoint, modality=m) from exc
         except PreprocessError as exc:

@@ -82,6 +82,14 @@ def resample_to_grid(
     return sitk.GetArrayFromImage(out)
 
 
+def field_of_view_on_grid(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
+    """1 where a grid voxel maps (through ``transform``, as in :func:`resample_to_grid`) inside ``image``'s field of
+    view, 0 where it falls outside (uint8, (D, H, W)): there ``resample_to_grid`` returns 0, not a measurement."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return resample_to_grid(ones, grid, transform, label=True)
+
+
 def displacement_field_on_grid(transform: sitk.Transform, grid: sitk.Image) -> sitk.DisplacementFieldTransform:
     """``transform`` tabulated on ``grid``'s voxel centres: ``u(x) = T(x) - x`` stored as a displacement field
     (float64), wrapped as a transform ``x -> x + u(x)``.

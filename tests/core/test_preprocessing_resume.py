@@ -112,3 +112,21 @@ def test_a_worker_that_dies_fails_its_own_patient_only(tmp_path: Path, monkeypat
     assert "worker process died" in (by_id["DIES"].error or "")
     for r in good:  # constant images: each fails on its own, at the read step, not with the dead worker
         assert by_id[r.patient_id].status == "failed" and "step read" in (by_id[r.patient_id].error or "")
+
+
+def test_a_smaller_field_of_view_is_not_counted_as_tissue() -> None:
+    """A follow-up that covers only part of the grid: its z-score statistics use the covered brain voxels only."""
+    from strpnet_core.preprocessing import z_score_normalize
+    from strpnet_core.preprocessing.resample import field_of_view_on_grid
+
+    grid = sitk.Image([10, 10, 10], sitk.sitkFloat32)
+    rng = np.random.default_rng(0)
+    half = sitk.GetImageFromArray((100 + 10 * rng.standard_normal((10, 10, 5))).astype(np.float32))  # x < 5 only
+    fov = field_of_view_on_grid(half, grid)
+    assert fov[:, :, :5].all() and not fov[:, :, 5:].any()
+    arr = resample_to_grid(half, grid)
+    brain = np.ones((10, 10, 10), bool)
+    z = z_score_normalize(arr, brain & fov.astype(bool))
+    assert abs(float(z[:, :, :5].mean())) < 1e-6 and abs(float(z[:, :, :5].std()) - 1) < 1e-6
+    assert not z[:, :, 5:].any()
+    assert float(z_score_normalize(arr, brain)[:, :, :5].mean()) > 0.9  # the zeros as tissue: every seen voxel "bright"
