@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import SimpleITK as sitk
 
 #: The eroded fit mask is used only when it keeps at least this fraction of the brain mask's voxels.
 MIN_FIT_FRACTION = 0.5
+
+
+def fit_shrink(spacing: Sequence[float], size: Sequence[int], fit_spacing_mm: float,
+               shrink: int | None = None) -> list[int]:
+    """N4's shrink factor per axis: ``max(1, round(fit_spacing_mm / spacing_i))`` (or ``shrink`` on every axis),
+    keeping at least 8 voxels along each axis: ``min(s_i, size_i // 8)``. Per axis, so that a thick-slice scan
+    (e.g. 1 x 1 x 5 mm) gets a ~``fit_spacing_mm`` fit grid along its slices too, not 5 x that."""
+    out = []
+    for sp, n in zip(spacing, size, strict=True):
+        s = int(shrink) if shrink is not None else max(1, int(round(fit_spacing_mm / sp)))
+        out.append(max(1, min(s, n // 8)))
+    return out
 
 
 def n4_correct(
@@ -72,10 +86,7 @@ def n4_correct(
         n_eroded = int(np.count_nonzero(sitk.GetArrayViewFromImage(eroded)))
         if n_eroded >= MIN_FIT_FRACTION * int(np.count_nonzero(marr)):
             fit = eroded
-    # Shrink per axis, keeping at least 8 voxels along each (thick-slice volumes have few slices).
-    if shrink is None:
-        shrink = max(1, int(round(fit_spacing_mm / min(img.GetSpacing()))))
-    s = [max(1, min(int(shrink), n // 8)) for n in img.GetSize()]
+    s = fit_shrink(img.GetSpacing(), img.GetSize(), fit_spacing_mm, shrink)
     small = sitk.Shrink(work, s) if max(s) > 1 else work
     small_mask = sitk.Shrink(fit, s) if max(s) > 1 else fit
     if int(np.count_nonzero(sitk.GetArrayViewFromImage(small_mask))) == 0:

@@ -174,6 +174,15 @@ def test_multichannel_demons_averages_the_channels_forces(ref) -> None:
     assert err[2] < 0.7 * err[0], err
 
 
+def test_n4_fit_grid_is_about_8_mm_along_every_axis() -> None:
+    from strpnet_core.preprocessing.bias import fit_shrink
+
+    assert fit_shrink((2.0, 2.0, 2.0), (120, 120, 78), 8.0) == [4, 4, 4]
+    assert fit_shrink((1.0, 1.0, 5.0), (240, 240, 30), 8.0) == [8, 8, 2]  # thick slices: 10 mm, not 40
+    assert fit_shrink((1.0, 1.0, 1.0), (240, 240, 40), 8.0) == [8, 8, 5]  # >= 8 voxels kept along each axis
+    assert fit_shrink((4.0, 4.0, 4.0), (60, 60, 39), 8.0, shrink=3) == [3, 3, 3]
+
+
 def test_n4_recovers_bias(ref) -> None:
     """A scanner-like field (as the synth generator draws it: exp(b n), n a unit smooth random field of 120 mm
     correlation, b = 0.3) is recovered inside the brain and the WM spread goes back near its clean value."""
