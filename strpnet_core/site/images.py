@@ -317,6 +317,8 @@ def read_image_info_checked(path: str | os.PathLike[str]) -> ImageInfo:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
+        if p.name.endswith(".gz") and head:  # the header decompressed, ITK then found "no ImageIO reader": corrupt
+            _check_bytes(p, st.st_size, full=True)  # gzip data further on, which the stream check names
         raise ImageDefect(p, f"unreadable header: {compact_sitk_error(exc, p)}") from None
     size = tuple(reader.GetSize())
     _check_dimension(p, size, reader.GetNumberOfComponents())

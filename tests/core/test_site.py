@@ -495,3 +495,20 @@ def test_preprocess_preset_follows_a_synthetic_site(tmp_path: Path, content: str
     assert f"preset {expected} (" in capsys.readouterr().out
     assert cli_main(["preprocess", str(site), "--out", str(tmp_path / "c2"), "--no-progress", "--preset", "brats"]) == 1
     assert "preset brats (--preset)" in capsys.readouterr().out
+
+
+def test_header_check_names_corrupt_gzip_data(tmp_path: Path) -> None:
+    """A .nii.gz whose header decompresses but whose later data do not: ITK only says it finds no reader; the
+    header-only check names the gzip defect instead of an "unreadable header"."""
+    from strpnet_core.site import ImageDefect, read_image_info_checked
+
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(40, 40, 40)).astype(np.float32)),
+                    str(path))
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * 0.6)
+    data[i:i + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageDefect, match="corrupt gzip data") as info:
+        read_image_info_checked(path)
+    assert str(path) in str(info.value)
