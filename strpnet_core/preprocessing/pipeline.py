@@ -50,6 +50,7 @@ from .registration import (
     DemonsSettings,
     LinearSettings,
     RegistrationError,
+    RegistrationResult,
     compose,
     evaluate_metric,
     register_longitudinal,
@@ -363,6 +364,16 @@ def _demons_channels(work: _ScanWork, settings: PipelineSettings) -> list[sitk.I
             for m in settings.demons.channels if m != REFERENCE_MODALITY]
 
 
+def _register_followup(pre: _ScanWork, pre_channels: list[sitk.Image], work: _ScanWork, settings: PipelineSettings,
+                       seed: int) -> RegistrationResult:
+    """``L_k``: the follow-up's T1c registered to the pre-op T1c with the preset's stages (``pre_channels``:
+    :func:`_demons_channels` of the pre-op scan, computed once per patient)."""
+    return register_longitudinal(pre.corrected[REFERENCE_MODALITY], work.corrected[REFERENCE_MODALITY],
+                                 fixed_mask=pre.mask, rigid=settings.linear, affine=settings.linear,
+                                 bspline=settings.bspline, demons=settings.demons, moving_brain=work.mask, seed=seed,
+                                 demons_extra=list(zip(pre_channels, _demons_channels(work, settings))))
+
+
 def preprocess_patient(
     record: Any,
     *,
@@ -443,12 +454,8 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
             continue
         qc["scans"].append(work.qc)
         t0 = time.perf_counter()
-        moving = work.corrected[REFERENCE_MODALITY]
         try:
-            res = register_longitudinal(fixed, moving, fixed_mask=fixed_mask, rigid=settings.linear,
-                                        affine=settings.linear, bspline=settings.bspline, demons=settings.demons,
-                                        moving_brain=work.mask, seed=seed,
-                                        demons_extra=list(zip(pre_channels, _demons_channels(work, settings))))
+            res = _register_followup(pre, pre_channels, work, settings, seed)
             final = res.evaluated
             long_field = displacement_field_on_grid(res.transform, grid)
             overlap = dice(resample_to_grid(work.mask, grid, long_field, label=True), grid_mask)
@@ -499,14 +506,12 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
                 # statistics over the brain voxels the image covers: a follow-up with a smaller field of view
                 # would otherwise count the resampler's zeros as tissue; uncovered brain voxels stay 0
                 seen = grid_mask & field_of_view_on_grid(w.corrected[m], grid, to_image)
-                try:
-                    scan_images[c] = z_score_normalize(arr, seen)
-                except ValueError as exc:
-                    raise PreprocessError(pid, "normalize", str(exc), timepoint=w.timepoint, modality=m) from exc
-        except PreprocessError as exc:
+                scan_images[c] = z_score_normalize(arr, seen)
+        except ValueError as exc:
+            err = PreprocessError(pid, "normalize", str(exc), timepoint=w.timepoint, modality=m)
             if k == 0:
-                raise
-            w.qc.update(included=False, reason=str(exc))
+                raise err from exc
+            w.qc.update(included=False, reason=str(err))
             w.qc["flags"].append("step normalize failed")
             continue
         finally:
@@ -728,15 +733,11 @@ def estimate_transforms(
     settings = preset if isinstance(preset, PipelineSettings) else PipelineSettings.from_preset(preset)
     scans = list(record.scans)
     pre = _prepare_scan(record.patient_id, scans[0], settings, seed)
-    fixed, fixed_mask = pre.corrected[REFERENCE_MODALITY], pre.mask
     out = {(pre.timepoint, m): compose(pre.to_t1c[m], sitk.Transform(3, sitk.sitkIdentity)) for m in MODALITIES}
     pre_channels = _demons_channels(pre, settings)
     for scan in scans[1:]:
         w = _prepare_scan(record.patient_id, scan, settings, seed)
-        res = register_longitudinal(fixed, w.corrected[REFERENCE_MODALITY], fixed_mask=fixed_mask,
-                                    rigid=settings.linear, affine=settings.linear, bspline=settings.bspline,
-                                    demons=settings.demons, moving_brain=w.mask, seed=seed,
-                                    demons_extra=list(zip(pre_channels, _demons_channels(w, settings))))
+        res = _register_followup(pre, pre_channels, w, settings, seed)
         for m in MODALITIES:
             out[(w.timepoint, m)] = compose(w.to_t1c[m], res.transform)
     return out

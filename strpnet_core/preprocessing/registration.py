@@ -481,8 +481,9 @@ def register_longitudinal(
     to the pre-op T1c (fixed).  The B-spline and the demons results are each kept only when they lower
     :func:`evaluate_metric` (a common seeded sample); otherwise the previous transform is returned.  The demons
     stage (:func:`register_demons`, with the further channels ``demons_extra``) needs both brain masks
-    (``fixed_mask``, ``moving_brain``) to normalise the intensities.  The metric reported is the optimiser's value of the last kept stage; per-stage values are in
-    ``stages``; ``evaluated`` is :func:`evaluate_metric` of the returned transform."""
+    (``fixed_mask``, ``moving_brain``) to normalise the intensities.  The metric reported is the optimiser's value
+    of the last kept stage; per-stage values are in ``stages``; ``evaluated`` is :func:`evaluate_metric` of the
+    returned transform."""
     t0 = time.perf_counter()
     res = register_rigid(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, settings=rigid, seed=seed)
     stages = dict(res.stages)
