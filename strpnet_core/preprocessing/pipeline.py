@@ -68,7 +68,7 @@ from .resample import (
 log = logging.getLogger(__name__)
 
 #: Bump when the pipeline's output changes for the same settings (invalidates resumed caches).
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5  # 5: the brain-mask refinement band is Euclidean in mm (brain.distance_mm)
 STEPS: tuple[str, ...] = ("read", "brain", "register_modalities", "n4", "register_longitudinal", "resample")
 
 

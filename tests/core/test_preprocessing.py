@@ -253,3 +253,19 @@ def test_qc_flags() -> None:
     assert metric_flags(float("nan"), peers, 0)
     with_nan = [*peers, float("nan")]  # a diverged peer does not hide the bad one
     assert metric_flags(with_nan[3], with_nan, 3) and not metric_flags(with_nan[0], with_nan, 0)
+
+
+def test_refinement_band_is_in_mm_along_every_axis() -> None:
+    """The atlas refinement's band (``distance_mm``) is Euclidean in mm with each axis' spacing: on a 1 x 1 x 5 mm
+    grid a 6 mm band spans 6 voxels in-plane but one 5 mm slice (a voxel-count band from the smallest spacing, as
+    before, spanned 6 slices = 30 mm), and it matches a brute-force distance check."""
+    from strpnet_core.preprocessing.brain import distance_mm
+
+    mask = np.zeros((9, 21, 21), bool)  # (z, y, x)
+    mask[4, 10, 10] = True
+    band = distance_mm(mask, (1.0, 1.0, 5.0)) <= 6.0
+    assert band[4, 10, 4:17].all() and not band[4, 10, 3] and not band[4, 10, 17]  # x: 6 voxels = 6 mm each way
+    assert band[3:6, 10, 10].all() and not band[2, 10, 10] and not band[6, 10, 10]  # z: 1 slice = 5 mm each way
+    z, y, x = np.indices(mask.shape)
+    dist = np.sqrt(((z - 4) * 5.0) ** 2 + (y - 10.0) ** 2 + (x - 10.0) ** 2)
+    np.testing.assert_array_equal(band, dist <= 6.0)
