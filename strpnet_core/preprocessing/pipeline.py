@@ -374,6 +374,33 @@ def _register_followup(pre: _ScanWork, pre_channels: list[sitk.Image], work: _Sc
                                  demons_extra=list(zip(pre_channels, _demons_channels(work, settings))))
 
 
+def _scan_on_grid(pid: str, work: _ScanWork, long_field: sitk.Transform, grid: sitk.Image, grid_mask: np.ndarray,
+                  settings: PipelineSettings) -> np.ndarray:
+    """The scan's four images on the model grid, each resampled once and z-scored in the brain:
+    ``image_{k,m}(x) = z(N4(I_{k,m})(R_{k,m}(L_k(x))))`` (``long_field``: ``L_k`` tabulated on the grid), the mean
+    and std over the brain voxels the image covers (a follow-up with a smaller field of view would otherwise count
+    the resampler's zeros as tissue; uncovered brain voxels stay 0).  Records the ``resample`` seconds.
+
+    Raises
+    ------
+    PreprocessError
+        Step ``normalize``, naming the modality, when an image cannot be z-scored (e.g. constant in the brain).
+    """
+    t0 = time.perf_counter()
+    out = np.zeros((len(MODALITIES), *settings.grid_shape), dtype=settings.image_dtype)
+    try:
+        for c, m in enumerate(MODALITIES):
+            to_image = compose(work.to_t1c[m], long_field)
+            arr = resample_to_grid(work.corrected[m], grid, to_image)
+            seen = grid_mask & field_of_view_on_grid(work.corrected[m], grid, to_image)
+            out[c] = z_score_normalize(arr, seen)
+    except ValueError as exc:
+        raise PreprocessError(pid, "normalize", str(exc), timepoint=work.timepoint, modality=m) from exc
+    finally:
+        work.qc["seconds"]["resample"] = time.perf_counter() - t0
+    return out
+
+
 def preprocess_patient(
     record: Any,
     *,
@@ -437,14 +464,15 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
     if not grid_mask.any():
         raise PreprocessError(pid, "resample", "the brain mask is empty on the model grid")
     identity = sitk.Transform(3, sitk.sitkIdentity)
-    kept: list[tuple[_ScanWork, sitk.Transform, sitk.Transform]] = [(pre, identity, identity)]
     pre_channels = _demons_channels(pre, settings)
     pre.qc["seconds"]["register_longitudinal"] = 0.0
 
-    # Follow-ups: prepare and register; failures exclude the scan (with its reason), never the patient.
+    # Follow-ups: prepare, register and resample; failures exclude the scan (with its reason), never the patient.
     # Each follow-up's L_k (rigid ∘ affine ∘ B-splines) is tabulated once as a displacement field on the model
     # grid: the brain-mask overlap check and the four images are resampled through it (exact at grid voxels).
-    follow: list[tuple[_ScanWork, sitk.Transform, sitk.Transform, float]] = []
+    # The images go onto the grid right after the registration and the full-resolution ones are let go, so memory
+    # holds the pre-op scan and one follow-up at a time, whatever the number of scans.
+    follow: list[tuple[_ScanWork, sitk.Transform, np.ndarray | None, float]] = []
     for scan in scans[1:]:
         try:
             work = _prepare_scan(pid, scan, settings, seed)
@@ -469,7 +497,14 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
                                    "stages": res.stages})
         if overlap < MIN_MASK_DICE:
             work.qc["flags"].append(f"brain masks overlap poorly after registration (Dice {overlap:.3f} < {MIN_MASK_DICE})")
-        follow.append((work, res.transform, long_field, final))
+        on_grid: np.ndarray | None = None
+        try:
+            on_grid = _scan_on_grid(pid, work, long_field, grid, grid_mask, settings)
+        except PreprocessError as exc:  # cannot be normalised (e.g. constant inside the brain): excluded
+            work.qc.update(included=False, reason=str(exc))
+            work.qc["flags"].append("step normalize failed")
+        work.corrected.clear()
+        follow.append((work, res.transform, on_grid, final))
 
     # Robust flags over the patient's comparable metrics (longitudinal; and per modality within scans).
     all_scans = [pre] + [w for w, *_ in follow]
@@ -485,42 +520,20 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
     if pre.qc["flags"]:
         raise PreprocessError(pid, "register_modalities", "pre-op scan flagged: " + "; ".join(pre.qc["flags"]),
                               timepoint=pre.timepoint)
-    for w, tx, long_field, _ in follow:
+    # One resampling per image: image_{k,m} on G = N4(I_{k,m})(R_{k,m}(L_k(x))), L_k through its field. The pre-op
+    # scan cannot be normalised: the patient fails.
+    stack = [_scan_on_grid(pid, pre, identity, grid, grid_mask, settings)]
+    kept: list[tuple[_ScanWork, sitk.Transform]] = [(pre, identity)]
+    for w, tx, on_grid, _ in follow:
+        if on_grid is None:
+            continue  # excluded above, with its reason
         if w.qc["flags"]:
             w.qc.update(included=False, reason="; ".join(w.qc["flags"]))
         else:
-            kept.append((w, tx, long_field))
-
-    # One resampling per image: image_{k,m} on G = N4(I_{k,m})(R_{k,m}(L_k(x))), L_k through its field.
-    # A follow-up that cannot be normalised (e.g. constant inside the brain) is excluded; the pre-op scan fails the
-    # patient.
-    stack: list[np.ndarray] = []
-    normalised: list[tuple[_ScanWork, sitk.Transform, sitk.Transform]] = []
-    for k, (w, long_tx, long_field) in enumerate(kept):
-        t0 = time.perf_counter()
-        scan_images = np.zeros((len(MODALITIES), *settings.grid_shape), dtype=settings.image_dtype)
-        try:
-            for c, m in enumerate(MODALITIES):
-                to_image = compose(w.to_t1c[m], long_field)
-                arr = resample_to_grid(w.corrected[m], grid, to_image)
-                # statistics over the brain voxels the image covers: a follow-up with a smaller field of view
-                # would otherwise count the resampler's zeros as tissue; uncovered brain voxels stay 0
-                seen = grid_mask & field_of_view_on_grid(w.corrected[m], grid, to_image)
-                scan_images[c] = z_score_normalize(arr, seen)
-        except ValueError as exc:
-            err = PreprocessError(pid, "normalize", str(exc), timepoint=w.timepoint, modality=m)
-            if k == 0:
-                raise err from exc
-            w.qc.update(included=False, reason=str(err))
-            w.qc["flags"].append("step normalize failed")
-            continue
-        finally:
-            w.qc["seconds"]["resample"] = time.perf_counter() - t0
-        if transforms_out is not None:
-            transforms_out.update({(w.timepoint, m): compose(w.to_t1c[m], long_tx) for m in MODALITIES})
-        stack.append(scan_images)
-        normalised.append((w, long_tx, long_field))
-    kept = normalised
+            stack.append(on_grid)
+            kept.append((w, tx))
+    if transforms_out is not None:
+        transforms_out.update({(w.timepoint, m): compose(w.to_t1c[m], tx) for w, tx in kept for m in MODALITIES})
     images = np.stack(stack)
 
     recurrence = None if rec_img is None else resample_to_grid(rec_img, grid, label=True)
