@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="demo", choices=tuple(PRESETS),
                    help="preprocessing grid; must match the run's preset (default demo)")
     p.add_argument("--seed", type=int, default=0, help="preprocessing seed (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="patients preprocessed in parallel (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="patients preprocessed in parallel (default: one per core, at most one per 2 GB of available "
+                   "memory)")
     p.add_argument("--port", type=int, default=0,
                    help="local port of this SuperNode's runtime API; unique per SuperNode on one host "
                    "(default: a free one)")

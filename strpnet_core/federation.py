@@ -468,7 +468,7 @@ def prepare_site_cache(
     site_name: str,
     preset: str,
     seed: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = False,
     lock_timeout_s: float = 6 * 3600.0,
     refresh: bool = False,
@@ -494,7 +494,7 @@ def prepare_site_cache(
     preset:
         Resolution preset; a cache built with another preset is refused with a clear error.
     seed, workers, progress:
-        Passed to ``preprocess_site``.
+        Passed to ``preprocess_site`` (``workers`` None: one per core, within the available memory).
     lock_timeout_s:
         How long a concurrent first use waits for the one that holds the lock.
     refresh:
@@ -540,7 +540,7 @@ def _build_cache(
     site_name: str,
     preset: str,
     seed: int,
-    workers: int,
+    workers: int | None,
     progress: bool,
 ) -> dict[str, Any]:
     raw = Path(data_dir) if data_dir else None

@@ -541,7 +541,7 @@ def write_report(
     n_overlays: int = 3,
     device: str = "auto",
     seed: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> ReportResult:
     """Write ``report.html`` and its PNGs for a run directory (see the module docstring).
 
@@ -562,7 +562,7 @@ def write_report(
     device:
         Device of the test-set predictions.
     seed, workers:
-        Preprocessing of ``test_data``.
+        Preprocessing of ``test_data`` (``workers`` None: one per core within the available memory).
 
     Raises
     ------

@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("site_dir", metavar="SITE_DIR", help="raw site folder (see docs/data-format.md)")
     p.add_argument("--out", required=True, metavar="CACHE_DIR", help="output cache folder")
-    p.add_argument("--workers", type=int, default=1, metavar="K", help="patients processed in parallel (default 1)")
+    p.add_argument("--workers", type=int, default=None, metavar="K",
+                   help="patients processed in parallel (default: one per core, at most one per 2 GB of available "
+                   "memory; each patient runs its registrations on one thread, so the output is the same for any K)")
     p.add_argument("--preset", default=None, choices=tuple(PRESETS),
                    help="model grid preset (default: the preset a synthetic site's site.json records, else demo)")
     p.add_argument("--seed", type=int, default=0, help="registration sampling seed (default 0)")

@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlays", type=int, default=3, help="example test patients drawn (default 3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, default=0, help="preprocessing seed of --test-data (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="preprocessing processes of --test-data (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="preprocessing processes of --test-data (default: one per core within the available memory)")
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .threads import one_itk_thread
+
 #: The eroded fit mask is used only when it keeps at least this fraction of the brain mask's voxels.
 MIN_FIT_FRACTION = 0.5
 
@@ -95,7 +97,8 @@ def n4_correct(
     n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
     n4.SetNumberOfControlPoints([int(control_points)] * 3)
     n4.SetConvergenceThreshold(float(convergence))
-    n4.Execute(small, small_mask)
+    with one_itk_thread():  # N4's fit depends on the thread count (threads.py)
+        n4.Execute(small, small_mask)
     log_bias = n4.GetLogBiasFieldAsImage(work)
     log_arr = sitk.GetArrayFromImage(log_bias)
     corrected_arr = (arr / np.exp(log_arr)).astype(np.float32)

@@ -68,7 +68,7 @@ from .resample import (
 log = logging.getLogger(__name__)
 
 #: Bump when the pipeline's output changes for the same settings (invalidates resumed caches).
-PIPELINE_VERSION = 5  # 5: the brain-mask refinement band is Euclidean in mm (brain.distance_mm)
+PIPELINE_VERSION = 6  # 5: brain refinement band in mm (brain.distance_mm); 6: registration and N4 on one thread
 STEPS: tuple[str, ...] = ("read", "brain", "register_modalities", "n4", "register_longitudinal", "resample")
 
 
@@ -645,11 +645,45 @@ def longest_first(records: Sequence[Any]) -> list[Any]:
     return sorted(records, key=lambda rec: -len(rec.scans))
 
 
+#: Memory budget of one preprocessing worker: a brats patient of 4 scans peaks at 1.14 GB (docs/performance.md).
+WORKER_MEMORY_BYTES = 2 * 1024**3
+
+
+def _available_memory() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(n_patients: int) -> int:
+    """Worker processes for ``n_patients`` patients to preprocess:
+    ``max(1, min(cores, n_patients, MemAvailable // WORKER_MEMORY_BYTES))``.  Each worker preprocesses one patient
+    at a time; registration and N4 run on one ITK thread each (``threads.py``), so patients are the parallelism."""
+    n = min(usable_cores(), max(1, n_patients))
+    avail = _available_memory()
+    if avail is not None:
+        n = min(n, avail // WORKER_MEMORY_BYTES)
+    return max(1, int(n))
+
+
 def preprocess_site(
     site_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    workers: int = 1,
+    workers: int | None = None,
     preset: str | Preset | PipelineSettings = "demo",
     seed: int = 0,
     progress: bool = True,
@@ -660,10 +694,10 @@ def preprocess_site(
     Patients already done with the same settings hash are skipped (resume); failed ones are tried again, and
     temporary files a killed earlier run left are removed (``fsutil.remove_stale_parts``; every file is written
     atomically, so a kill never leaves a partial file under a final name).  ``workers`` > 1 runs one patient per
-    process (bounded memory); each process uses ``threads`` SimpleITK threads (default: cores // workers).
-    Results come back in patient order whatever the completion order; the output does not depend on ``workers``
-    or the order for a given ``threads`` (SimpleITK's multithreaded sums differ in the last bits, ~1e-14 relative in
-    the transform parameters, with another thread count). A worker process that dies takes only its own patient.
+    process (bounded memory; None: :func:`default_workers`); each process uses ``threads`` SimpleITK threads
+    (default: cores // workers) for resampling and demons, registration and N4 run on one (``threads.py``).
+    Results come back in patient order whatever the completion order; the output is bit-identical whatever
+    ``workers``, ``threads`` or the order. A worker process that dies takes only its own patient.
     A patient is done when its cache file and QC record match the settings hash and :func:`input_hash` (scans,
     files and outcome): one whose site added a scan or updated its outcome is preprocessed again, and the cache
     file of a patient that now fails or is excluded by validation is removed.
@@ -685,8 +719,6 @@ def preprocess_site(
     has_outcomes = (Path(site_dir) / OUTCOMES_CSV).exists()
     index = validate_site(site_dir, require_outcomes=has_outcomes, check_voxels=False, progress=progress)
     problems = [str(p) for p in index.problems]
-    workers = max(1, int(workers))
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     results: dict[str, PatientResult] = {}
     todo = []
     for rec in index.patients:
@@ -697,6 +729,8 @@ def preprocess_site(
     bar = tqdm(total=len(index.patients), initial=len(results), desc=f"preprocess {index.site_name}",
                unit="patient", disable=not progress)
     jobs = [(rec, index.site_name, str(out), settings, seed) for rec in longest_first(todo)]
+    workers = default_workers(len(jobs)) if workers is None else max(1, int(workers))
+    threads = threads or max(1, usable_cores() // workers)
     if workers == 1 or len(jobs) <= 1:
         old = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
         _worker_init(threads)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from .threads import one_itk_thread
+
 
 #: Default minimum number of metric samples per resolution level.
 MIN_SAMPLES = 20000
@@ -186,7 +188,8 @@ def _run_linear(
     if moving_initial is not None:
         reg.SetMovingInitialTransform(moving_initial)
     reg.SetInitialTransform(transform, inPlace=True)
-    reg.Execute(fixed, moving)
+    with one_itk_thread():
+        reg.Execute(fixed, moving)
     return transform, float(reg.GetMetricValue()), reg.GetOptimizerStopConditionDescription()
 
 
@@ -321,7 +324,8 @@ def register_bspline(
             target = sitk.Resample(moving_f, fixed_f, current, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         reg.SetInitialTransform(bs, inPlace=True)
         try:
-            reg.Execute(fixed_f, target)
+            with one_itk_thread():
+                reg.Execute(fixed_f, target)
         except RuntimeError as exc:
             raise RegistrationError(f"B-spline registration (level {level}) failed: {exc}") from exc
         metric = float(reg.GetMetricValue())
@@ -457,7 +461,8 @@ def evaluate_metric(
             fixed.GetDirection()))
     reg.SetInitialTransform(transform)
     try:
-        value = float(reg.MetricEvaluate(_as_float(fixed), _as_float(moving)))
+        with one_itk_thread():
+            value = float(reg.MetricEvaluate(_as_float(fixed), _as_float(moving)))
     except RuntimeError as exc:
         raise RegistrationError(f"metric evaluation failed: {exc}") from exc
     return value

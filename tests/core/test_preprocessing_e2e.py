@@ -218,3 +218,25 @@ def test_corrupted_scans(cohort: Path, processed: dict, tmp_path: Path) -> None:
 def test_settings_hash_changes_with_settings() -> None:
     a = PipelineSettings.from_preset("ci")
     assert a.hash(0) == PipelineSettings.from_preset("ci").hash(0) != a.hash(1)
+
+
+def test_output_does_not_depend_on_the_thread_count(processed: dict, tmp_path: Path) -> None:
+    """The session's caches were made on 2 SimpleITK threads; the same patients on 1 thread give bit-identical
+    images (registration and N4, whose threaded sums vary with the count and from run to run, run on one thread:
+    ``preprocessing/threads.py``). One patient of each site kind: skull-stripped, and skull-on (atlas)."""
+    chosen = {}
+    for pid, (site, rec, res, _) in processed["patients"].items():
+        chosen.setdefault(site, (pid, rec))
+    old = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+    try:
+        for site, (pid, rec) in chosen.items():
+            res = preprocess_patient(rec, site_name=site, out_dir=tmp_path / site, preset="ci", seed=0)
+            assert res.status == "ok", res.error
+            one = load_cached_patient(tmp_path / site / f"{pid}.npz")
+            two = load_cached_patient(processed["cache"] / site / f"{pid}.npz")
+            np.testing.assert_array_equal(one.images, two.images)
+            np.testing.assert_array_equal(one.brain_mask, two.brain_mask)
+    finally:
+        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(old)
+    assert len(chosen) == 2
