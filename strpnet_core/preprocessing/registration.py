@@ -305,7 +305,9 @@ def register_bspline(
             shrinks=(shrink,),
             sigmas=(vox / 2.0 if shrink > 1 else 0.0,),
             fixed_mask=fixed_mask,
-            moving_mask=moving_mask,
+            # level > 0 fits to the moving image warped onto the fixed grid: its mask goes the same way
+            moving_mask=moving_mask if level == 0 or moving_mask is None else
+            sitk.Resample(moving_mask, fixed_f, current, sitk.sitkNearestNeighbor, 0),
         )
         reg.SetOptimizerAsLBFGSB(
             gradientConvergenceTolerance=1e-5,

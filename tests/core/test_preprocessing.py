@@ -17,6 +17,7 @@ from strpnet_core.preprocessing.registration import (
     DemonsSettings,
     LinearSettings,
     mean_displacement_error,
+    register_bspline,
     register_longitudinal,
     register_rigid,
     sampling_fractions,
@@ -294,3 +295,19 @@ def test_default_workers_fill_the_cores_within_memory(monkeypatch) -> None:  # t
     assert pipeline.default_workers(20) == 1
     monkeypatch.setattr(pipeline, "_available_memory", lambda: None)  # unknown: cores only
     assert pipeline.default_workers(20) == 8
+
+
+def test_bspline_finer_levels_use_the_moving_mask_in_the_warped_space(ref) -> None:
+    """Level > 0 fits to the moving image resampled onto the fixed grid, so a moving mask must be mapped there too.
+    The moving image lies 200 mm away (its origin shifted; ``linear`` is that translation): a mask left in the
+    moving space would cover none of the fixed grid's samples at level 1 (ITK: too few samples)."""
+    img, m = ref
+    shift = (200.0, 0.0, 0.0)
+    moving, mmask = sitk.Image(img), sitk.Image(m)
+    for im in (moving, mmask):
+        im.SetOrigin(tuple(o + d for o, d in zip(img.GetOrigin(), shift)))
+    linear = sitk.TranslationTransform(3, shift)
+    res = register_bspline(img, moving, linear=linear, fixed_mask=m, moving_mask=mmask,
+                           settings=BSplineSettings((80.0, 40.0), (8.0, 4.0)))
+    truth = sitk.TranslationTransform(3, tuple(-d for d in shift))  # moving point -> fixed point
+    assert mean_displacement_error(res.transform, truth, mmask) < 0.5
