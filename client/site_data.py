@@ -103,6 +103,11 @@ def resolve_site(node_config: Mapping[str, Any], cfg: FederationConfig) -> SiteL
 
 
 def ready_site(node_config: Mapping[str, Any], cfg: FederationConfig) -> SiteCache:
-    """Resolve the site and make sure its cache is ready (first use validates and preprocesses, under a lock)."""
+    """Resolve the site and make sure its cache is ready (first use validates and preprocesses, under a lock).
+
+    Inside a ClientApp the preprocessing stays in this process (``workers=1``): a simulated site is a Ray actor
+    given its share of the CPUs, and a pool per site would put sites x cores processes on the machine.
+    (``flower-client`` and ``strpnet simulate`` preprocess before Flower starts, with one worker per core.)"""
     loc = resolve_site(node_config, cfg)
-    return prepare_site_cache(loc.data_dir, loc.cache_dir, site_name=loc.site_name, preset=cfg.preset, seed=cfg.seed)
+    return prepare_site_cache(loc.data_dir, loc.cache_dir, site_name=loc.site_name, preset=cfg.preset, seed=cfg.seed,
+                              workers=1)
