@@ -21,7 +21,8 @@ import SimpleITK as sitk
 @contextlib.contextmanager
 def one_itk_thread() -> Iterator[None]:
     """Run ITK on one thread inside the block (SimpleITK's global default, restored afterwards; a per-filter
-    ``SetNumberOfThreads(1)`` is not enough: the registration metric's threader takes the global default)."""
+    ``SetNumberOfThreads(1)`` is not enough: the registration metric's threader takes the global default).  The
+    setting is process-wide: ITK work started by other Python threads meanwhile runs on one thread too."""
     old = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
     try:
