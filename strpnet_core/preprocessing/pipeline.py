@@ -64,6 +64,7 @@ from .resample import (
     resample_mask_like,
     resample_to_grid,
 )
+from .threads import itk_threads
 
 log = logging.getLogger(__name__)
 
@@ -732,15 +733,11 @@ def preprocess_site(
     workers = default_workers(len(jobs)) if workers is None else max(1, int(workers))
     threads = threads or max(1, usable_cores() // workers)
     if workers == 1 or len(jobs) <= 1:
-        old = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
-        _worker_init(threads)
-        try:
+        with itk_threads(threads):
             for job in jobs:
                 r = _worker(job)
                 results[r.patient_id] = r
                 bar.update(1)
-        finally:
-            sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(old)
     else:
         # A worker that dies (killed for memory, a crash in native code) breaks the whole pool: every unfinished
         # patient's future fails with it. Those are run again one per fresh single-worker pool, so that a crash

@@ -19,13 +19,18 @@ import SimpleITK as sitk
 
 
 @contextlib.contextmanager
-def one_itk_thread() -> Iterator[None]:
-    """Run ITK on one thread inside the block (SimpleITK's global default, restored afterwards; a per-filter
-    ``SetNumberOfThreads(1)`` is not enough: the registration metric's threader takes the global default).  The
-    setting is process-wide: ITK work started by other Python threads meanwhile runs on one thread too."""
+def itk_threads(n: int) -> Iterator[None]:
+    """Run ITK on ``max(1, n)`` threads inside the block (SimpleITK's global default, restored afterwards).  The
+    setting is process-wide: ITK work started by other Python threads meanwhile uses it too."""
     old = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(max(1, int(n)))
     try:
         yield
     finally:
         sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(old)
+
+
+def one_itk_thread() -> contextlib.AbstractContextManager[None]:
+    """:func:`itk_threads` of 1 (a per-filter ``SetNumberOfThreads(1)`` is not enough: the registration metric's
+    threader takes the global default)."""
+    return itk_threads(1)

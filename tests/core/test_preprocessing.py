@@ -23,6 +23,7 @@ from strpnet_core.preprocessing.registration import (
     sampling_fractions,
 )
 from strpnet_core.preprocessing.resample import grid_geometry, model_grid
+from strpnet_core.preprocessing.threads import itk_threads
 
 sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(2)
 SP = 4.0
@@ -88,12 +89,8 @@ def test_registration_recovers_known_transform_and_is_deterministic(ref) -> None
     assert err <= 1.0 and err < SP / 2
     # Seeded sampling, and the registrations run on one ITK thread whatever the process's setting (ITK's threaded
     # Mattes MI sums in a varying order: on 2 threads two runs differed by ~1e-6 mm here): bit-identical.
-    old = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(2)
-    try:
+    with itk_threads(2):
         runs = [register_longitudinal(img, moving, fixed_mask=m, bspline=bs, seed=3) for _ in range(2)]
-    finally:
-        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(old)
     p = [(1.0, 2.0, 3.0), (-20.0, 10.0, 5.0), (30.0, -40.0, 12.0)]
     for r in runs:
         assert [r.transform.TransformPoint(q) for q in p] == [r1.transform.TransformPoint(q) for q in p]

@@ -22,6 +22,7 @@ from strpnet_core.preprocessing.brain import brain_mask
 from strpnet_core.preprocessing.pipeline import PipelineSettings, preprocess_patient, preprocess_site
 from strpnet_core.preprocessing.qc import dice
 from strpnet_core.preprocessing.registration import mean_displacement_error
+from strpnet_core.preprocessing.threads import itk_threads
 from strpnet_core.site import validate_site
 
 SEED = 7
@@ -227,9 +228,7 @@ def test_output_does_not_depend_on_the_thread_count(processed: dict, tmp_path: P
     chosen = {}
     for pid, (site, rec, res, _) in processed["patients"].items():
         chosen.setdefault(site, (pid, rec))
-    old = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
-    try:
+    with itk_threads(1):
         for site, (pid, rec) in chosen.items():
             res = preprocess_patient(rec, site_name=site, out_dir=tmp_path / site, preset="ci", seed=0)
             assert res.status == "ok", res.error
@@ -237,6 +236,4 @@ def test_output_does_not_depend_on_the_thread_count(processed: dict, tmp_path: P
             two = load_cached_patient(processed["cache"] / site / f"{pid}.npz")
             np.testing.assert_array_equal(one.images, two.images)
             np.testing.assert_array_equal(one.brain_mask, two.brain_mask)
-    finally:
-        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(old)
     assert len(chosen) == 2
