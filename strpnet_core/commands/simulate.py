@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="demo", choices=tuple(PRESETS), help="resolution preset (default demo)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/sim-<date-time>)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes for cohort generation and preprocessing (default: all CPUs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for cohort generation and preprocessing (default: one per usable CPU core; "
+                   "preprocessing at most one per 2 GB of available memory)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs reserved per simulated site (default 1)")
     p.add_argument("--gpus-per-site", type=float, default=None,
                    help="GPUs reserved per simulated site, a fraction shares one GPU (default: the visible CUDA GPUs "
@@ -125,7 +125,8 @@ def simulation_resources(n_sites: int, cpus_per_site: int, gpus_per_site: float 
     0 sees none and trains on the CPU). Default (``gpus_per_site`` None): ``g = min(1, G / n_sites)`` for ``G``
     visible GPUs, so that all sites run at once sharing them (3 sites on 1 GPU: 1/3 each), 0 when ``G = 0``.
     ``init-args-num-gpus = G`` tells Ray how many there are. ``init-args-num-cpus`` =
-    ``max(cores, a x cpus_per_site)`` with ``a`` = :func:`concurrent_sites` (``cores``: this machine's by default).
+    ``max(cores, a x cpus_per_site)`` with ``a`` = :func:`concurrent_sites` (``cores``: by default the CPUs this
+    process may run on, ``pipeline.usable_cores``).
 
     Raises
     ------
@@ -138,7 +139,10 @@ def simulation_resources(n_sites: int, cpus_per_site: int, gpus_per_site: float 
         raise ValueError(f"--gpus-per-site must be >= 0, got {gpus_per_site}")
     if gpus_per_site > 0 and visible_gpus == 0:
         raise ValueError(f"--gpus-per-site {gpus_per_site}: no CUDA GPU is visible on this machine")
-    cores = max(1, cores or os.cpu_count() or 1)
+    if not cores:
+        from ..preprocessing.pipeline import usable_cores
+
+        cores = usable_cores()
     ray_cpus = max(cores, concurrent_sites(n_sites, cores, cpus_per_site) * int(cpus_per_site))
     out: dict[str, int | float] = {"num-supernodes": int(n_sites), "client-resources-num-cpus": int(cpus_per_site),
                                    "init-args-num-cpus": ray_cpus}
@@ -160,7 +164,7 @@ def simulate(
     test_data: Path | None = None,
     preset: str = "demo",
     seed: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
     cpus_per_site: int = 1,
     gpus_per_site: float | None = None,
     resume: bool = False,
@@ -179,8 +183,11 @@ def simulate(
         Folder of raw site folders; None generates the synthetic cohort into ``run_dir/data``.
     cache:
         Folder of per-site caches (default ``run_dir/cache``). A cache-only site (no raw folder) works too.
-    sites, patients, preset, seed, workers:
+    sites, patients, preset, seed:
         Cohort and preprocessing settings.
+    workers:
+        Processes for cohort generation (None: one per usable core) and preprocessing (None:
+        ``pipeline.default_workers``, which also caps by available memory).
     rounds:
         ``num-server-rounds``.
     test_patients:
@@ -255,7 +262,7 @@ def simulate(
                   f"-> {data}", flush=True)
             t0 = time.monotonic()
             cohort = generate_cohort(data, sites=n_sites, patients=patients, preset=preset, seed=seed,
-                                      workers=workers, progress=progress, png=False)
+                                      workers=_generation_workers(workers), progress=progress, png=False)
             print(f"      {cohort.n_patients} patients, {cohort.n_events} events, oracle C-index "
                   f"{cohort.oracle_c_index:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
         else:
@@ -337,7 +344,14 @@ def simulate(
     return summary
 
 
-def _generate_test_set(out: Path, n_patients: int, *, preset: str, seed: int, workers: int,
+def _generation_workers(workers: int | None) -> int:
+    """Cohort-generation processes: ``workers``, or one per usable core when None."""
+    from ..preprocessing.pipeline import usable_cores
+
+    return max(1, workers) if workers else usable_cores()
+
+
+def _generate_test_set(out: Path, n_patients: int, *, preset: str, seed: int, workers: int | None,
                        progress: bool) -> Path:
     """Generate (or reuse) the coordinator's held-out patients: one synthetic site with its own seed, so that no
     patient, scanner or case mix is shared with the federated sites. Returns the raw site folder."""
@@ -349,14 +363,14 @@ def _generate_test_set(out: Path, n_patients: int, *, preset: str, seed: int, wo
     if not (out / "truth" / "cohort.json").is_file():
         t0 = time.monotonic()
         cohort = generate_cohort(out, sites=1, patients=[n_patients], preset=preset,
-                                 seed=derive_seed(seed, "coordinator-test"), workers=workers, progress=progress,
+                                 seed=derive_seed(seed, "coordinator-test"), workers=_generation_workers(workers), progress=progress,
                                  png=False)
         print(f"      coordinator test set: {cohort.n_patients} patients, {cohort.n_events} events, oracle C-index "
               f"{cohort.oracle_c_index:.3f} ({time.monotonic() - t0:.0f} s) -> {out}", flush=True)
     return list_sites(out)[0]
 
 
-def _prepare_test_cache(site_dir: Path, cache_dir: Path, *, preset: str, seed: int, workers: int,
+def _prepare_test_cache(site_dir: Path, cache_dir: Path, *, preset: str, seed: int, workers: int | None,
                         progress: bool) -> Path:
     """Validate and preprocess the coordinator's test site into ``cache_dir`` (reused when complete)."""
     from ..federation import prepare_site_cache

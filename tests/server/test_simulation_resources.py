@@ -60,3 +60,18 @@ def test_concurrent_sites_keep_every_core_busy(sites: int, cores: int, per_site:
     cfg = simulation_resources(sites, per_site, None, 0, cores=cores)
     assert cfg["init-args-num-cpus"] == max(cores, a * per_site)
     assert cfg["init-args-num-cpus"] // cfg["client-resources-num-cpus"] == max(a, cores // per_site)
+
+
+def test_cores_default_to_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process pinned to one CPU (taskset, a container's cpuset) runs one site at a time, whatever the machine has;
+    cohort generation then uses one process."""
+    import os
+
+    from strpnet_core.commands.simulate import _generation_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert simulation_resources(3, 1, None, 0)["init-args-num-cpus"] == 1
+    assert _generation_workers(None) == 1 and _generation_workers(4) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert simulation_resources(3, 1, None, 0)["init-args-num-cpus"] == 3  # waves of 3 on 2 cores
