@@ -17,12 +17,17 @@ every site, and prints
 - brain extraction Dice vs the true mask (skull-on sites; the pipeline's atlas settings), z-score check on the cache.
 
 ``--cohort DIR --max-patients N`` takes the first N patients of every site of an existing cohort.
+``--slice-mm T`` preprocesses a copy of the cohort whose images are 2D-acquisition-like: blurred across z (Gaussian,
+FWHM = T) and resampled to T mm along z, in-plane spacing kept (docs/preprocessing.md, "Anisotropic scans"); the
+errors are still against the generator's true transforms, N4 is not scored there (the true bias is on the original
+grid).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +40,30 @@ def _truth_tx(path: Path) -> sitk.Transform:
     return sitk.ReadTransform(str(path))
 
 
+def _reslice_cohort(cohort: Path, out: Path, thickness_mm: float) -> Path:
+    """A copy of ``cohort``'s site folders (made once; written to ``out.tmp``, then renamed) with every scan image
+    ``I`` replaced by ``resample_z(G_T * I)``: ``G_T`` a Gaussian along z of FWHM ``T`` (sigma = T / 2.3548),
+    sampled every ``T`` mm along z from the same origin, linear interpolation.  Tables, ``site.json`` and recurrence
+    masks are copied unchanged."""
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for site in sorted(p for p in cohort.iterdir() if p.name.startswith("site-")):
+        shutil.copytree(site, tmp / site.name)
+        for f in (tmp / site.name).glob("*/*.nii.gz"):
+            if f.parent.name == "recurrence":
+                continue
+            img = sitk.ReadImage(str(f))
+            sp, size = list(img.GetSpacing()), list(img.GetSize())
+            blurred = sitk.RecursiveGaussian(sitk.Cast(img, sitk.sitkFloat32), sigma=thickness_mm / 2.3548, direction=2)
+            nz = max(1, int(size[2] * sp[2] / thickness_mm))
+            sitk.WriteImage(sitk.Resample(blurred, size[:2] + [nz], sitk.Transform(), sitk.sitkLinear, img.GetOrigin(),
+                                          sp[:2] + [thickness_mm], img.GetDirection(), 0.0, img.GetPixelID()), str(f))
+    tmp.rename(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo")
@@ -44,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cohort", type=Path, default=None, help="existing synthetic cohort (else generated)")
     ap.add_argument("--max-patients", type=int, default=None, help="first N patients of each site (with --cohort)")
+    ap.add_argument("--slice-mm", type=float, default=None,
+                    help="preprocess a copy with T mm slices along z (blurred and resliced; see above)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_preprocessing"))
     args = ap.parse_args(argv)
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(args.threads)
@@ -69,14 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     wm_cv: dict[str, list[float]] = {"bias-free (I - offset) / B": [], "written (biased) I": [], "N4-corrected": []}
     from strpnet_core.synth.truth_regions import score_bias_correction, white_matter_probability
 
-    cohort_truth = json.loads((cohort / "truth" / "cohort.json").read_text())
+    truth_root = cohort / "truth"
+    if args.slice_mm:
+        cohort = _reslice_cohort(cohort, args.work / f"{cohort.name}-slices-{args.slice_mm:g}mm", args.slice_mm)
+        print(f"images resliced to {args.slice_mm:g} mm along z: {cohort}", flush=True)
+    cohort_truth = json.loads((truth_root / "cohort.json").read_text())
     preset = cohort_truth["preset"]
     site_profiles = {s["name"]: s for s in cohort_truth["sites"]}
     t_all = time.perf_counter()
     for site_dir in sorted(p for p in cohort.iterdir() if p.name.startswith("site-")):
-        out = args.work / f"cache-{args.preset}" / site_dir.name
+        out = args.work / f"cache-{args.preset}{f'-slices-{args.slice_mm:g}mm' if args.slice_mm else ''}" / site_dir.name
         index = validate_site(site_dir, require_outcomes=False, check_voxels=False)
-        truth = cohort / "truth" / site_dir.name
+        truth = truth_root / site_dir.name
         for rec in index.patients[: args.max_patients]:
             tdir = truth / rec.patient_id
             info = json.loads((tdir / "truth.json").read_text())
@@ -100,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         err = mean_displacement_error(est[(scan.timepoint, m)], _truth_tx(tfile), mmask)
                         (reg_long if m == "t1c" else reg_mod).append(err)
                     bias_file = tdir / f"{rec.patient_id}-{scan.timepoint}-{m}-bias.nii.gz"
-                    if bias_file.exists():
+                    if bias_file.exists() and not args.slice_mm:
                         corr_img, lb = n4_correct(img, mmask, fit_spacing_mm=settings.n4_fit_spacing_mm,
                                                   iterations=settings.n4_iterations,
                                                   control_points=settings.n4_control_points,
@@ -119,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 t1c = sitk.ReadImage(str(scan.images["t1c"]), sitk.sitkFloat32)
                 bm, method = brain_mask(t1c, seed=args.seed, settings=settings.brain_linear)
                 if method == "atlas":
-                    dices.append(dice(sitk.GetArrayFromImage(bm), sitk.GetArrayFromImage(tm)))
+                    tm_t1c = sitk.Resample(tm, t1c, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+                    dices.append(dice(sitk.GetArrayFromImage(bm), sitk.GetArrayFromImage(tm_t1c)))
         from strpnet_core.cache import list_cache, load_cached_patient
 
         for f in list_cache(out):

@@ -69,7 +69,8 @@ from .threads import itk_threads
 log = logging.getLogger(__name__)
 
 #: Bump when the pipeline's output changes for the same settings (invalidates resumed caches).
-PIPELINE_VERSION = 6  # 5: brain refinement band in mm (brain.distance_mm); 6: registration and N4 on one thread
+PIPELINE_VERSION = 7  # 5: brain refinement band in mm (brain.distance_mm); 6: registration and N4 on one thread;
+# 7: anisotropic scans registered on isotropic copies (isotropic scans: the same output as 6)
 STEPS: tuple[str, ...] = ("read", "brain", "register_modalities", "n4", "register_longitudinal", "resample")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from .resample import isotropic_copy
 from .threads import one_itk_thread
 
 
@@ -113,6 +114,11 @@ def _physical_min_shrink(img: sitk.Image, shrinks: tuple[int, ...], min_size: in
     """Cap shrink factors so every level keeps at least ``min_size`` voxels along each axis."""
     size = min(img.GetSize())
     return [max(1, min(int(s), size // min_size)) for s in shrinks]
+
+
+def _isotropic(image: sitk.Image | None, *, mask: bool = False) -> sitk.Image | None:
+    """:func:`~strpnet_core.preprocessing.resample.isotropic_copy` of an optional image."""
+    return None if image is None else isotropic_copy(image, mask=mask)
 
 
 def sampling_fractions(n_voxels: float, shrinks: list[int] | tuple[int, ...], sampling: float,
@@ -219,7 +225,8 @@ def register_rigid(
         When SimpleITK raises or the metric is not finite.
     """
     t0 = time.perf_counter()
-    fixed_f, moving_f = _as_float(fixed), _as_float(moving)
+    fixed_mask, moving_mask = _isotropic(fixed_mask, mask=True), _isotropic(moving_mask, mask=True)
+    fixed_f, moving_f = _as_float(isotropic_copy(fixed)), _as_float(isotropic_copy(moving))
     if initial is None and init == "identity":
         tx = sitk.Euler3DTransform()
         tx.SetCenter(_geometric_centre(fixed_mask if fixed_mask is not None else fixed_f))
@@ -254,7 +261,8 @@ def register_affine(
     """Affine registration ``T(x) = A (x - c) + c + t`` initialised from a rigid result (same maths as
     :func:`register_rigid`, 12 parameters)."""
     t0 = time.perf_counter()
-    fixed_f, moving_f = _as_float(fixed), _as_float(moving)
+    fixed_mask, moving_mask = _isotropic(fixed_mask, mask=True), _isotropic(moving_mask, mask=True)
+    fixed_f, moving_f = _as_float(isotropic_copy(fixed)), _as_float(isotropic_copy(moving))
     aff = sitk.AffineTransform(3)
     aff.SetCenter(rigid.GetCenter())
     aff.SetMatrix(rigid.GetMatrix())
@@ -287,7 +295,8 @@ def register_bspline(
 
     Returns the composite transform; ``metric`` is that of the last level (optimiser samples)."""
     t0 = time.perf_counter()
-    fixed_f, moving_f = _as_float(fixed), _as_float(moving)
+    fixed_mask, moving_mask = _isotropic(fixed_mask, mask=True), _isotropic(moving_mask, mask=True)
+    fixed_f, moving_f = _as_float(isotropic_copy(fixed)), _as_float(isotropic_copy(moving))
     current: sitk.Transform = linear
     parts: list[sitk.Transform] = [linear]
     metric, stop = float("nan"), ""
@@ -388,6 +397,9 @@ def register_demons(
         A mask without intensity variation, or an ITK failure.
     """
     t0 = time.perf_counter()
+    fixed, moving = isotropic_copy(fixed), isotropic_copy(moving)
+    fixed_mask, moving_mask = isotropic_copy(fixed_mask, mask=True), isotropic_copy(moving_mask, mask=True)
+    extra = [(isotropic_copy(fi), isotropic_copy(mi)) for fi, mi in extra]
     fixed_f = _as_float(fixed)
     pairs = [(_zscore_in(_as_float(fi), fixed_mask),
               sitk.Resample(_zscore_in(_as_float(mi), moving_mask), fixed_f, linear, sitk.sitkLinear, 0.0,
@@ -490,8 +502,12 @@ def register_longitudinal(
     stage (:func:`register_demons`, with the further channels ``demons_extra``) needs both brain masks
     (``fixed_mask``, ``moving_brain``) to normalise the intensities.  The metric reported is the optimiser's value
     of the last kept stage; per-stage values are in ``stages``; ``evaluated`` is :func:`evaluate_metric` of the
-    returned transform."""
+    returned transform.  Anisotropic images (and masks) are registered on isotropic copies
+    (:func:`~strpnet_core.preprocessing.resample.isotropic_copy`, made once here for all stages)."""
     t0 = time.perf_counter()
+    fixed, moving = isotropic_copy(fixed), isotropic_copy(moving)
+    fixed_mask, moving_mask, moving_brain = (_isotropic(m, mask=True) for m in (fixed_mask, moving_mask, moving_brain))
+    demons_extra = [(isotropic_copy(fi), isotropic_copy(mi)) for fi, mi in demons_extra]
     res = register_rigid(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, settings=rigid, seed=seed)
     stages = dict(res.stages)
     tx: sitk.Transform = res.transform

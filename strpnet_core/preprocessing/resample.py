@@ -114,6 +114,37 @@ def resample_mask_like(mask: sitk.Image, like: sitk.Image, transform: sitk.Trans
     return sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), like, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
+#: Largest / smallest voxel spacing of a scan above which :func:`isotropic_copy` resamples it (registration works
+#: on the copy: its pyramids shrink every axis by one factor, see docs/preprocessing.md, "Anisotropic scans").
+ANISOTROPY_LIMIT = 1.5
+
+
+def isotropic_copy(image: sitk.Image, *, mask: bool = False) -> sitk.Image:
+    """``image`` on an isotropic grid of its smallest spacing when its spacings differ by more than
+    :data:`ANISOTROPY_LIMIT` (``max_a h_a > 1.5 min_a h_a``); otherwise ``image`` itself, untouched.
+
+    The copy covers the same box: spacing ``s = min_a h_a``, size ``n'_a = max(1, round(n_a h_a / s))`` and first
+    voxel centre ``o' = o + D ((s - h_a) / 2)_a`` (``o``, ``D``: origin and direction; the box of axis ``a`` is
+    ``[-h_a / 2, (n_a - 1/2) h_a]`` in index-aligned mm).  Images: cubic B-spline interpolation, float32; masks
+    (``mask=True``): nearest neighbour, uint8 0/1.  A transform estimated on copies applies unchanged to the
+    originals (both live in the same physical space).
+    """
+    h = np.asarray(image.GetSpacing(), dtype=float)
+    if h.max() <= ANISOTROPY_LIMIT * h.min():
+        return image
+    s = float(h.min())
+    size = [max(1, int(round(n * sp / s))) for n, sp in zip(image.GetSize(), h)]
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    origin = np.asarray(image.GetOrigin(), dtype=float) + direction @ ((s - h) / 2.0)
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetSpacing([s] * 3)
+    grid.SetOrigin(origin.tolist())
+    grid.SetDirection(image.GetDirection())
+    if mask:
+        return resample_mask_like(image, grid)
+    return sitk.Resample(image, grid, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+
+
 def grid_from_geometry(geometry: Mapping[str, Any]) -> tuple[sitk.Image, sitk.Image]:
     """The (empty) model grid and pre-op T1c reference images described by a ``CachedPatient.geometry``.
 
