@@ -276,6 +276,25 @@ def test_refinement_band_is_in_mm_along_every_axis() -> None:
     np.testing.assert_array_equal(band, dist <= 6.0)
 
 
+def test_refinement_opening_is_in_mm_along_every_axis() -> None:
+    """The opening's ball spans 2 smallest spacings in mm: on isotropic voxels it opens exactly as the 6-neighbour
+    cross iterated twice did; on a 1 x 1 x 5 mm grid it stays within the slice (the voxel cross spanned 10 mm across
+    slices and removed a 3-slice-thick plate that is 15 mm thick)."""
+    from strpnet_core.preprocessing.brain import opening_ball
+
+    rng = np.random.default_rng(0)
+    blobs = ndimage.gaussian_filter(rng.random((30, 40, 36)), 2) > 0.5
+    cross = ndimage.generate_binary_structure(3, 1)
+    np.testing.assert_array_equal(ndimage.binary_opening(blobs, opening_ball((2.0, 2.0, 2.0))),
+                                  ndimage.binary_opening(blobs, cross, iterations=2))
+    ball = opening_ball((1.0, 1.0, 5.0))
+    assert ball.shape == (1, 5, 5) and ball.sum() == 13  # the in-plane diamond of radius 2 mm
+    plate = np.zeros((9, 20, 20), bool)
+    plate[3:6, 2:18, 2:18] = True
+    assert ndimage.binary_opening(plate, ball).sum() == plate.sum() - 3 * 4 * 3  # only the in-plane corners go
+    assert not ndimage.binary_opening(plate, cross, iterations=2).any()
+
+
 def test_default_workers_fill_the_cores_within_memory(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """One worker per core and patient, at most one per WORKER_MEMORY_BYTES of available memory, at least one."""
     from strpnet_core.preprocessing import pipeline
