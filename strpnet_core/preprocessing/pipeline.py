@@ -60,6 +60,7 @@ from .resample import (
     displacement_field_on_grid,
     field_of_view_on_grid,
     grid_geometry,
+    isotropic_copy,
     model_grid,
     resample_mask_like,
     resample_to_grid,
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when the pipeline's output changes for the same settings (invalidates resumed caches).
 PIPELINE_VERSION = 7  # 5: brain refinement band in mm (brain.distance_mm); 6: registration and N4 on one thread;
-# 7: anisotropic scans registered on isotropic copies (isotropic scans: the same output as 6)
+# 7: anisotropic scans registered on isotropic copies, brain opening in mm (isotropic scans: the same output as 6)
 STEPS: tuple[str, ...] = ("read", "brain", "register_modalities", "n4", "register_longitudinal", "resample")
 
 
@@ -333,14 +334,16 @@ def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: 
 
     t0 = time.perf_counter()
     t1c_c = corrected[REFERENCE_MODALITY]
+    # The registrations work on isotropic copies of anisotropic scans: the T1c's is made once for the three fits.
+    t1c_reg, mask_reg = isotropic_copy(t1c_c), isotropic_copy(mask, mask=True)
     to_t1c: dict[str, sitk.Transform] = {REFERENCE_MODALITY: sitk.Transform(3, sitk.sitkIdentity)}
     for m in MODALITIES:
         if m == REFERENCE_MODALITY:
             continue
         try:
             # Same session: start at the identity (centres of mass are biased by the tumour/oedema).
-            res = register_rigid(t1c_c, corrected[m], fixed_mask=mask, settings=settings.modality_linear, seed=seed,
-                                 init="identity")
+            res = register_rigid(t1c_reg, corrected[m], fixed_mask=mask_reg, settings=settings.modality_linear,
+                                 seed=seed, init="identity")
             metrics[f"{m}_to_t1c"] = evaluate_metric(t1c_c, corrected[m], res.transform, fixed_mask=mask)
             rigid_problems = rigid_flags(res.transform.GetParameters()[:3], res.transform.GetTranslation())
         except RegistrationError as exc:
