@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from strpnet_core.preprocessing.brain import brain_mask
     from strpnet_core.preprocessing.pipeline import PipelineSettings, preprocess_patient
     from strpnet_core.preprocessing.qc import dice
-    from strpnet_core.preprocessing.registration import mean_displacement_error
+    from strpnet_core.preprocessing.registration import RegistrationError, mean_displacement_error
     from strpnet_core.site import validate_site
 
     cohort = args.cohort
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = PipelineSettings.from_preset(args.preset)
     steps: dict[str, list[float]] = {}
     reg_long, reg_mod, n4_corr, n4_corr_varied, n4_resid, dices, zchk = [], [], [], [], [], [], []
+    brain_failures: list[str] = []
+    excluded: list[str] = []  # scans the pipeline excluded (QC)
     wm_cv: dict[str, list[float]] = {"bias-free (I - offset) / B": [], "written (biased) I": [], "N4-corrected": []}
     from strpnet_core.synth.truth_regions import score_bias_correction, white_matter_probability
 
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in qc["scans"]:
                 for k, v in s.get("seconds", {}).items():
                     steps.setdefault(k, []).append(v)
+                if not s.get("included", True):
+                    excluded.append(f"{rec.patient_id} {s['timepoint']}: {s.get('reason')}")
             for scan in rec.scans:
                 tm = sitk.ReadImage(str(tdir / f"{rec.patient_id}-{scan.timepoint}-brainmask.nii.gz"))
                 for m, path in scan.images.items():
@@ -152,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                             for key, cv in zip(wm_cv, (sc.cv_clean, sc.cv_written, sc.cv_corrected)):
                                 wm_cv[key].append(cv)
                 t1c = sitk.ReadImage(str(scan.images["t1c"]), sitk.sitkFloat32)
-                bm, method = brain_mask(t1c, seed=args.seed, settings=settings.brain_linear)
+                try:
+                    bm, method = brain_mask(t1c, seed=args.seed, settings=settings.brain_linear)
+                except (RegistrationError, ValueError) as exc:  # counted, not scored
+                    brain_failures.append(f"{rec.patient_id} {scan.timepoint}: {exc}")
+                    continue
                 if method == "atlas":
                     tm_t1c = sitk.Resample(tm, t1c, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
                     dices.append(dice(sitk.GetArrayFromImage(bm), sitk.GetArrayFromImage(tm_t1c)))
@@ -175,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     def fmt(v: list[float]) -> str:
         return f"mean {np.mean(v):.3f} min {np.min(v):.3f} max {np.max(v):.3f} (n={len(v)})" if v else "n/a"
 
+    print(f"scans excluded by the pipeline: {len(excluded)}" + "".join(f"\n  {e}" for e in excluded))
     print(f"registration error T1c -> pre-op (mm): {fmt(reg_long)}")
     print(f"registration error other modalities (mm): {fmt(reg_mod)}")
     print(f"N4 corr(estimated, true log-bias): {fmt(n4_corr)}")
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = np.asarray(wm_cv["N4-corrected"]) / np.asarray(wm_cv["bias-free (I - offset) / B"])
         print(f"  N4 / bias-free ratio        mean {ratio.mean():.3f} max {ratio.max():.3f}")
     print(f"brain extraction Dice (skull-on scans): {fmt(dices)}")
+    print(f"brain extraction failures: {len(brain_failures)}" + "".join(f"\n  {f}" for f in brain_failures))
     print(f"z-score max deviation (|mean|, |std-1|, |background|): {fmt(zchk)}")
     return 0
 
