@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     site_profiles = {s["name"]: s for s in cohort_truth["sites"]}
     t_all = time.perf_counter()
     for site_dir in sorted(p for p in cohort.iterdir() if p.name.startswith("site-")):
-        out = args.work / f"cache-{args.preset}{f'-slices-{args.slice_mm:g}mm' if args.slice_mm else ''}" / site_dir.name
+        sliced = f"-slices-{args.slice_mm:g}mm" if args.slice_mm else ""
+        out = args.work / f"cache-{args.preset}{sliced}" / site_dir.name
         index = validate_site(site_dir, require_outcomes=False, check_voxels=False)
         truth = truth_root / site_dir.name
         for rec in index.patients[: args.max_patients]:

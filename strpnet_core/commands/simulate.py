@@ -363,8 +363,8 @@ def _generate_test_set(out: Path, n_patients: int, *, preset: str, seed: int, wo
     if not (out / "truth" / "cohort.json").is_file():
         t0 = time.monotonic()
         cohort = generate_cohort(out, sites=1, patients=[n_patients], preset=preset,
-                                 seed=derive_seed(seed, "coordinator-test"), workers=_generation_workers(workers), progress=progress,
-                                 png=False)
+                                 seed=derive_seed(seed, "coordinator-test"), workers=_generation_workers(workers),
+                                 progress=progress, png=False)
         print(f"      coordinator test set: {cohort.n_patients} patients, {cohort.n_events} events, oracle C-index "
               f"{cohort.oracle_c_index:.3f} ({time.monotonic() - t0:.0f} s) -> {out}", flush=True)
     return list_sites(out)[0]

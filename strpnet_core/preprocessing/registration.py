@@ -121,6 +121,15 @@ def _isotropic(image: sitk.Image | None, *, mask: bool = False) -> sitk.Image | 
     return None if image is None else isotropic_copy(image, mask=mask)
 
 
+def _working_inputs(
+    fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None
+) -> tuple[sitk.Image, sitk.Image, sitk.Image | None, sitk.Image | None]:
+    """What a registration works on: float32 isotropic copies of anisotropic images and their masks (the
+    inputs themselves when isotropic)."""
+    return (_as_float(isotropic_copy(fixed)), _as_float(isotropic_copy(moving)), _isotropic(fixed_mask, mask=True),
+            _isotropic(moving_mask, mask=True))
+
+
 def sampling_fractions(n_voxels: float, shrinks: list[int] | tuple[int, ...], sampling: float,
                        min_samples: int) -> list[float]:
     """Fraction of a level's voxels that the metric samples, per level: ``min(1, max(p, n_min / N_l))`` with
@@ -225,8 +234,7 @@ def register_rigid(
         When SimpleITK raises or the metric is not finite.
     """
     t0 = time.perf_counter()
-    fixed_mask, moving_mask = _isotropic(fixed_mask, mask=True), _isotropic(moving_mask, mask=True)
-    fixed_f, moving_f = _as_float(isotropic_copy(fixed)), _as_float(isotropic_copy(moving))
+    fixed_f, moving_f, fixed_mask, moving_mask = _working_inputs(fixed, moving, fixed_mask, moving_mask)
     if initial is None and init == "identity":
         tx = sitk.Euler3DTransform()
         tx.SetCenter(_geometric_centre(fixed_mask if fixed_mask is not None else fixed_f))
@@ -261,8 +269,7 @@ def register_affine(
     """Affine registration ``T(x) = A (x - c) + c + t`` initialised from a rigid result (same maths as
     :func:`register_rigid`, 12 parameters)."""
     t0 = time.perf_counter()
-    fixed_mask, moving_mask = _isotropic(fixed_mask, mask=True), _isotropic(moving_mask, mask=True)
-    fixed_f, moving_f = _as_float(isotropic_copy(fixed)), _as_float(isotropic_copy(moving))
+    fixed_f, moving_f, fixed_mask, moving_mask = _working_inputs(fixed, moving, fixed_mask, moving_mask)
     aff = sitk.AffineTransform(3)
     aff.SetCenter(rigid.GetCenter())
     aff.SetMatrix(rigid.GetMatrix())
@@ -295,8 +302,7 @@ def register_bspline(
 
     Returns the composite transform; ``metric`` is that of the last level (optimiser samples)."""
     t0 = time.perf_counter()
-    fixed_mask, moving_mask = _isotropic(fixed_mask, mask=True), _isotropic(moving_mask, mask=True)
-    fixed_f, moving_f = _as_float(isotropic_copy(fixed)), _as_float(isotropic_copy(moving))
+    fixed_f, moving_f, fixed_mask, moving_mask = _working_inputs(fixed, moving, fixed_mask, moving_mask)
     current: sitk.Transform = linear
     parts: list[sitk.Transform] = [linear]
     metric, stop = float("nan"), ""

@@ -115,7 +115,8 @@ def resample_mask_like(mask: sitk.Image, like: sitk.Image, transform: sitk.Trans
 
 
 #: Largest / smallest voxel spacing of a scan above which :func:`isotropic_copy` resamples it (registration works
-#: on the copy: its pyramids shrink every axis by one factor, see docs/preprocessing.md, "Anisotropic scans").
+#: on the copy: its pyramids shrink every axis by one factor, see docs/preprocessing.md,
+#: "Anisotropic scans and oblique grids").
 ANISOTROPY_LIMIT = 1.5
 
 
