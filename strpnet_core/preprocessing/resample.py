@@ -118,13 +118,17 @@ def resample_mask_like(mask: sitk.Image, like: sitk.Image, transform: sitk.Trans
 #: on the copy: its pyramids shrink every axis by one factor, see docs/preprocessing.md,
 #: "Anisotropic scans and oblique grids").
 ANISOTROPY_LIMIT = 1.5
+#: Finest spacing of an isotropic copy (mm): no registration stage here fits on levels finer than ~4 mm, and a
+#: 0.45 x 0.45 x 5 mm 2D scan copied at 0.45 mm would hold ~11x the voxels of the original (350 MB per image).
+ISOTROPIC_MIN_SPACING_MM = 1.0
 
 
 def isotropic_copy(image: sitk.Image, *, mask: bool = False) -> sitk.Image:
-    """``image`` on an isotropic grid of its smallest spacing when its spacings differ by more than
-    :data:`ANISOTROPY_LIMIT` (``max_a h_a > 1.5 min_a h_a``); otherwise ``image`` itself, untouched.
+    """``image`` on an isotropic grid of spacing ``s = max(min_a h_a, 1 mm)`` when its spacings differ by more
+    than :data:`ANISOTROPY_LIMIT` (``max_a h_a > 1.5 min_a h_a``); otherwise ``image`` itself, untouched.
 
-    The copy covers the same box: spacing ``s = min_a h_a``, size ``n'_a = max(1, round(n_a h_a / s))`` and first
+    The copy covers the same box: spacing ``s`` (:data:`ISOTROPIC_MIN_SPACING_MM` at least),
+    size ``n'_a = max(1, round(n_a h_a / s))`` and first
     voxel centre ``o' = o + D ((s - h_a) / 2)_a`` (``o``, ``D``: origin and direction; the box of axis ``a`` is
     ``[-h_a / 2, (n_a - 1/2) h_a]`` in index-aligned mm).  Images: cubic B-spline interpolation, float32; masks
     (``mask=True``): nearest neighbour, uint8 0/1.  A transform estimated on copies applies unchanged to the
@@ -133,7 +137,7 @@ def isotropic_copy(image: sitk.Image, *, mask: bool = False) -> sitk.Image:
     h = np.asarray(image.GetSpacing(), dtype=float)
     if h.max() <= ANISOTROPY_LIMIT * h.min():
         return image
-    s = float(h.min())
+    s = max(float(h.min()), ISOTROPIC_MIN_SPACING_MM)
     size = [max(1, int(round(n * sp / s))) for n, sp in zip(image.GetSize(), h)]
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     origin = np.asarray(image.GetOrigin(), dtype=float) + direction @ ((s - h) / 2.0)

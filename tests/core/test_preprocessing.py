@@ -366,6 +366,12 @@ def test_isotropic_copy_covers_the_same_box() -> None:
     near = sitk.Image([10, 10, 10], sitk.sitkFloat32)
     near.SetSpacing([1.0, 1.0, 1.4])  # within ANISOTROPY_LIMIT: the very same image
     assert isotropic_copy(near) is near and ANISOTROPY_LIMIT == 1.5
+    fine = sitk.Image([460, 400, 30], sitk.sitkFloat32)  # a 0.45 x 0.45 x 5 mm 2D acquisition
+    fine.SetSpacing([0.45, 0.45, 5.0])
+    copy = isotropic_copy(fine)  # at 1 mm, not 0.45 mm (11x the voxels)
+    assert copy.GetSpacing() == (1.0, 1.0, 1.0) and copy.GetSize() == (207, 180, 150)
+    for far in (False, True):
+        assert np.allclose(corner(copy, far), corner(fine, far), atol=0.5)  # box to within half a voxel
 
 
 def test_thick_slice_scans_register_on_isotropic_copies() -> None:
