@@ -19,8 +19,8 @@ every site, and prints
 ``--cohort DIR --max-patients N`` takes the first N patients of every site of an existing cohort.
 ``--slice-mm T`` preprocesses a copy of the cohort whose images are 2D-acquisition-like: blurred across z (Gaussian,
 FWHM = T) and resampled to T mm along z, in-plane spacing kept (docs/preprocessing.md, "Anisotropic scans"); the
-errors are still against the generator's true transforms, N4 is not scored there (the true bias is on the original
-grid).
+errors are still against the generator's true transforms; N4 is scored only on images on the truth's grid (the
+true bias is on the original grid).
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                         err = mean_displacement_error(est[(scan.timepoint, m)], _truth_tx(tfile), mmask)
                         (reg_long if m == "t1c" else reg_mod).append(err)
                     bias_file = tdir / f"{rec.patient_id}-{scan.timepoint}-{m}-bias.nii.gz"
-                    if bias_file.exists() and not args.slice_mm:
+                    # N4 is scored on the truth's own grid only (not on a resliced or resampled copy)
+                    if bias_file.exists() and sitk.ReadImage(str(bias_file)).GetSize() == img.GetSize():
                         corr_img, lb = n4_correct(img, mmask, fit_spacing_mm=settings.n4_fit_spacing_mm,
                                                   iterations=settings.n4_iterations,
                                                   control_points=settings.n4_control_points,
