@@ -9,11 +9,11 @@ For each cohort made by ``strpnet synth`` (or ``strpnet simulate``'s ``RUN_DIR/d
 - the generator's true risk (``-log`` of the noise-free time to recurrence: the oracle, an upper bound),
 - hidden tumour biology: proliferation ``rho``, infiltration length ``L = sqrt(D / rho)``, margin over length
   ``-m / L``,
-- what the images show: pre-op enhancing and FLAIR volumes, their ratio (FLAIR / enhancing grows with ``L``),
+- what the pre-op images show: enhancing and FLAIR volumes, their ratio (FLAIR / enhancing grows with ``L``),
 - what the schedule shows: growth time before diagnosis, the last scan's day, the number of scans.
 
-A model that learns from the images can at best approach the image-visible rows; the gap between those and the
-oracle is the hidden part of the risk (therapy response, noise).  Sign: every score is oriented so that a higher
+Follow-up images (a residual that regrows) are not scored here: the gap between the pre-op image rows and the
+oracle is what they and the hidden biology (therapy response, noise) hold.  Sign: every score is oriented so that a higher
 value means an earlier recurrence in the generator's model (e.g. ``-m / L``: a small margin for the infiltration).
 """
 
