@@ -292,6 +292,10 @@ class _ScanWork:
     mask: sitk.Image
     to_t1c: dict[str, sitk.Transform]
     qc: dict[str, Any]
+    #: What the registrations of this scan work on: ``"t1c"`` and ``"mask"``, isotropic copies of anisotropic ones
+    #: (``resample.isotropic_copy``; the images themselves otherwise), made once for the within-scan and the
+    #: longitudinal fits.
+    registration: dict[str, sitk.Image]
 
 
 def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: int) -> _ScanWork:
@@ -334,16 +338,15 @@ def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: 
 
     t0 = time.perf_counter()
     t1c_c = corrected[REFERENCE_MODALITY]
-    # The registrations work on isotropic copies of anisotropic scans: the T1c's is made once for the three fits.
-    t1c_reg, mask_reg = isotropic_copy(t1c_c), isotropic_copy(mask, mask=True)
+    registration = {"t1c": isotropic_copy(t1c_c), "mask": isotropic_copy(mask, mask=True)}
     to_t1c: dict[str, sitk.Transform] = {REFERENCE_MODALITY: sitk.Transform(3, sitk.sitkIdentity)}
     for m in MODALITIES:
         if m == REFERENCE_MODALITY:
             continue
         try:
             # Same session: start at the identity (centres of mass are biased by the tumour/oedema).
-            res = register_rigid(t1c_reg, corrected[m], fixed_mask=mask_reg, settings=settings.modality_linear,
-                                 seed=seed, init="identity")
+            res = register_rigid(registration["t1c"], corrected[m], fixed_mask=registration["mask"],
+                                 settings=settings.modality_linear, seed=seed, init="identity")
             metrics[f"{m}_to_t1c"] = evaluate_metric(t1c_c, corrected[m], res.transform, fixed_mask=mask)
             rigid_problems = rigid_flags(res.transform.GetParameters()[:3], res.transform.GetTranslation())
         except RegistrationError as exc:
@@ -356,7 +359,7 @@ def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: 
     steps["register_modalities"] = time.perf_counter() - t0
     qc = {"timepoint": tp, "day": float(scan.day), "brain_method": method, "seconds": steps, "metrics": metrics,
           "flags": [], "included": True, "reason": None}
-    return _ScanWork(tp, float(scan.day), corrected, mask, to_t1c, qc)
+    return _ScanWork(tp, float(scan.day), corrected, mask, to_t1c, qc, registration)
 
 
 def _demons_channels(work: _ScanWork, settings: PipelineSettings) -> list[sitk.Image]:
@@ -373,9 +376,10 @@ def _register_followup(pre: _ScanWork, pre_channels: list[sitk.Image], work: _Sc
                        seed: int) -> RegistrationResult:
     """``L_k``: the follow-up's T1c registered to the pre-op T1c with the preset's stages (``pre_channels``:
     :func:`_demons_channels` of the pre-op scan, computed once per patient)."""
-    return register_longitudinal(pre.corrected[REFERENCE_MODALITY], work.corrected[REFERENCE_MODALITY],
-                                 fixed_mask=pre.mask, rigid=settings.linear, affine=settings.linear,
-                                 bspline=settings.bspline, demons=settings.demons, moving_brain=work.mask, seed=seed,
+    return register_longitudinal(pre.registration["t1c"], work.registration["t1c"],
+                                 fixed_mask=pre.registration["mask"], rigid=settings.linear, affine=settings.linear,
+                                 bspline=settings.bspline, demons=settings.demons,
+                                 moving_brain=work.registration["mask"], seed=seed,
                                  demons_extra=list(zip(pre_channels, _demons_channels(work, settings))))
 
 
@@ -509,6 +513,7 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
             work.qc.update(included=False, reason=str(exc))
             work.qc["flags"].append("step normalize failed")
         work.corrected.clear()
+        work.registration.clear()
         follow.append((work, res.transform, on_grid, final))
 
     # Robust flags over the patient's comparable metrics (longitudinal; and per modality within scans).
