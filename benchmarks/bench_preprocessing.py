@@ -140,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
                         err = mean_displacement_error(est[(scan.timepoint, m)], _truth_tx(tfile), mmask)
                         (reg_long if m == "t1c" else reg_mod).append(err)
                     bias_file = tdir / f"{rec.patient_id}-{scan.timepoint}-{m}-bias.nii.gz"
+                    bias_img = sitk.ReadImage(str(bias_file)) if bias_file.exists() else None
                     # N4 is scored on the truth's own grid only (not on a resliced or resampled copy)
-                    if bias_file.exists() and sitk.ReadImage(str(bias_file)).GetSize() == img.GetSize():
+                    if bias_img is not None and bias_img.GetSize() == img.GetSize():
                         corr_img, lb = n4_correct(img, mmask, fit_spacing_mm=settings.n4_fit_spacing_mm,
                                                   iterations=settings.n4_iterations,
                                                   control_points=settings.n4_control_points,
                                                   fit_erode_mm=settings.n4_fit_erode_mm)
                         mk = sitk.GetArrayFromImage(mmask) > 0
-                        true_bias = sitk.GetArrayFromImage(sitk.ReadImage(str(bias_file)))
+                        true_bias = sitk.GetArrayFromImage(bias_img)
                         sc = score_bias_correction(img, corr_img, lb, mk, true_bias, offset, _truth_tx(tfile), info,
                                                    pwm_ref)
                         n4_corr.append(sc.corr)
