@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(args.threads)
 
-    from strpnet_core.preprocessing.bias import n4_correct
+    from strpnet_core.preprocessing.bias import flair_lesion_mask, n4_correct
     from strpnet_core.preprocessing.brain import brain_mask
     from strpnet_core.preprocessing.pipeline import PipelineSettings, preprocess_patient
     from strpnet_core.preprocessing.qc import dice
@@ -132,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                     excluded.append(f"{rec.patient_id} {s['timepoint']}: {s.get('reason')}")
             for scan in rec.scans:
                 tm = sitk.ReadImage(str(tdir / f"{rec.patient_id}-{scan.timepoint}-brainmask.nii.gz"))
+                lesion = None  # the FLAIR-bright lesion the pipeline leaves out of its N4 fits
+                if settings.n4_lesion_mads is not None:
+                    flair = sitk.ReadImage(str(scan.images["t2f"]), sitk.sitkFloat32)
+                    lesion = flair_lesion_mask(flair, sitk.Resample(tm, flair, sitk.Transform(),
+                                                                    sitk.sitkNearestNeighbor, 0),
+                                               mads=settings.n4_lesion_mads)
                 for m, path in scan.images.items():
                     tfile = tdir / f"{rec.patient_id}-{scan.timepoint}-{m}.tfm"
                     img = sitk.ReadImage(str(path), sitk.sitkFloat32)
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         corr_img, lb = n4_correct(img, mmask, fit_spacing_mm=settings.n4_fit_spacing_mm,
                                                   iterations=settings.n4_iterations,
                                                   control_points=settings.n4_control_points,
-                                                  fit_erode_mm=settings.n4_fit_erode_mm)
+                                                  fit_erode_mm=settings.n4_fit_erode_mm, exclude=lesion)
                         mk = sitk.GetArrayFromImage(mmask) > 0
                         true_bias = sitk.GetArrayFromImage(bias_img)
                         sc = score_bias_correction(img, corr_img, lb, mk, true_bias, offset, _truth_tx(tfile), info,

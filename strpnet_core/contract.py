@@ -38,6 +38,8 @@ MODALITY_SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 #: The fixed image of every registration: the pre-op T1c.
 REFERENCE_MODALITY = "t1c"
+#: The fluid-attenuated T2 (oedema and tumour bright): its lesion is left out of the N4 fits.
+FLAIR_MODALITY = "t2f"
 PREOP_TIMEPOINT = "000"
 
 SCAN_DATES_CSV = "scan_dates.csv"

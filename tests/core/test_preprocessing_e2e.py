@@ -108,14 +108,15 @@ def test_registration_accuracy_vs_truth(cohort: Path, processed: dict) -> None:
           f"{np.round(long_far, 3)} follow-up modalities mean {np.mean(mods):.3f} max {max(mods):.3f}")
     # Full chain of the follow-up modalities (-> own T1c -> pre-op T1c) carries the longitudinal error.
     assert np.mean(mods) <= 1.2 and max(mods) < SPACING / 2
-    # Longitudinal T1c -> pre-op T1c: below half a voxel; the 1 mm target is NOT met at 4 mm (~1.06 mm measured
-    # with the demons stage, 1.29 with rigid + affine only; docs/preprocessing.md).
+    # Longitudinal T1c -> pre-op T1c: below half a voxel; the 1 mm target is NOT met at 4 mm (1.054 mm measured with
+    # the demons stage and the lesion left out of N4, 0.980 with it kept in, 1.29 with rigid + affine only;
+    # docs/preprocessing.md).
     assert max(long) < SPACING / 2 and np.mean(long) <= 1.25
     assert max(long_far) < SPACING / 2
 
 
 def test_n4_brain_and_zscore(cohort: Path, processed: dict) -> None:
-    from strpnet_core.preprocessing.bias import n4_correct
+    from strpnet_core.preprocessing.bias import flair_lesion_mask, n4_correct
     from strpnet_core.synth.truth_regions import score_bias_correction, white_matter_probability
 
     sites = {s["name"]: s for s in json.loads((cohort / "truth" / "cohort.json").read_text())["sites"]}
@@ -127,7 +128,9 @@ def test_n4_brain_and_zscore(cohort: Path, processed: dict) -> None:
         for scan in rec.scans[:2]:
             tmask = sitk.ReadImage(str(tdir / f"{pid}-{scan.timepoint}-brainmask.nii.gz"))
             img = sitk.ReadImage(str(scan.images["t1c"]), sitk.sitkFloat32)
-            corrected, lb = n4_correct(img, tmask)
+            flair = sitk.ReadImage(str(scan.images["t2f"]), sitk.sitkFloat32)  # its lesion left out, as the pipeline does
+            lesion = flair_lesion_mask(flair, sitk.Resample(tmask, flair, sitk.Transform(), sitk.sitkNearestNeighbor))
+            corrected, lb = n4_correct(img, tmask, exclude=lesion)
             mk = sitk.GetArrayFromImage(tmask) > 0
             bias = sitk.GetArrayFromImage(sitk.ReadImage(str(tdir / f"{pid}-{scan.timepoint}-t1c-bias.nii.gz")))
             truth_s = sitk.ReadTransform(str(tdir / f"{pid}-{scan.timepoint}-t1c.tfm"))
