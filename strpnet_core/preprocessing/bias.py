@@ -109,6 +109,7 @@ def n4_correct(
     # N4 works on log intensities: clamp to a small positive floor inside the mask.
     arr = sitk.GetArrayFromImage(img)
     marr = sitk.GetArrayViewFromImage(m) > 0
+    min_fit = MIN_FIT_FRACTION * int(np.count_nonzero(marr))
     pos = arr[marr & (arr > 0)]
     floor = float(np.percentile(pos, 0.5)) if pos.size else 1.0
     work_arr = np.where(marr, np.maximum(arr, max(floor, 1e-6)), np.maximum(arr, 0))
@@ -118,13 +119,13 @@ def n4_correct(
     if exclude is not None:
         ex = sitk.Resample(sitk.Cast(exclude > 0, sitk.sitkUInt8), img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         kept = sitk.Cast(m * (1 - ex), sitk.sitkUInt8)
-        if int(np.count_nonzero(sitk.GetArrayViewFromImage(kept))) >= MIN_FIT_FRACTION * int(np.count_nonzero(marr)):
+        if int(np.count_nonzero(sitk.GetArrayViewFromImage(kept))) >= min_fit:
             fit = kept
     if fit_erode_mm > 0:
         radius = [max(1, int(round(fit_erode_mm / sp))) for sp in img.GetSpacing()]
         eroded = sitk.BinaryErode(fit, radius, sitk.sitkBall)
         n_eroded = int(np.count_nonzero(sitk.GetArrayViewFromImage(eroded)))
-        if n_eroded >= MIN_FIT_FRACTION * int(np.count_nonzero(marr)):
+        if n_eroded >= min_fit:
             fit = eroded
     s = fit_shrink(img.GetSpacing(), img.GetSize(), fit_spacing_mm, shrink)
     small = sitk.Shrink(work, s) if max(s) > 1 else work

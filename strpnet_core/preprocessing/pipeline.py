@@ -327,10 +327,11 @@ def _prepare_scan(patient_id: str, scan: Any, settings: PipelineSettings, seed: 
     # modality's own non-zero region at skull-stripped sites) is a good enough N4 mask, and the FLAIR-bright
     # lesion (``flair_lesion_mask``) is left out of every modality's fit the same way.
     t0 = time.perf_counter()
-    masks: dict[str, sitk.Image] = {}
+    masks: dict[str, sitk.Image] = {REFERENCE_MODALITY: mask}
     for m in MODALITIES:
-        own = stripped_mask(raw[m]) if method == "stripped" and m != REFERENCE_MODALITY else None
-        masks[m] = mask if m == REFERENCE_MODALITY else own if own is not None else resample_mask_like(mask, raw[m])
+        if m != REFERENCE_MODALITY:
+            own = stripped_mask(raw[m]) if method == "stripped" else None
+            masks[m] = own if own is not None else resample_mask_like(mask, raw[m])
     lesion = None
     if settings.n4_lesion_mads is not None:
         try:
