@@ -70,7 +70,10 @@ def test_tls_authenticated_deployment(tmp_path: Path) -> None:
                                    tmp_path / "intruder.log", env)
         procs["plain"] = start_logged(client + ["--superlink", f"127.0.0.1:{port}", "--cache-dir", str(intruder_cache),
                                           "--site-name", "plain", "--insecure", "--preset", "ci", "--max-wait", "20",
-                                          "--retry-seconds", "0"],
+                                          "--retry-seconds", "0",
+                                          # its own Flower home: the intruder's reaper sweeps the processes of the
+                                          # cache's default one when its SuperNode is refused
+                                          "--state-dir", str(tmp_path / "plain-flower")],
                                 tmp_path / "plain.log", env)
         rc = procs["server"].wait(timeout=630)  # bounds only: 2 tiny rounds take ~1 min; over 4 min at load ~8
         server_log = (tmp_path / "server.log").read_text(errors="replace")
