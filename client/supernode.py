@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 
 from strpnet_core.console import die_with_parent_kwargs, run_deployment_command
+from strpnet_core.fsutil import exclusive_lock
 from strpnet_core.presets import PRESETS
 
 log = logging.getLogger("flower-client")
 
 _RETRY_DELAY_S = 10.0
+#: Lock file in a SuperNode's Flower home, held by its flower-client for as long as it runs.
+STATE_LOCK = "flower-client.lock"
 #: A SuperNode that ran this long before exiting counts as having joined (the retry window starts again).
 _JOINED_AFTER_S = 60.0
 
@@ -125,8 +128,6 @@ def node_config(args: argparse.Namespace, *, site_name: str, data_dir: Path | No
 
 def run_site(args: argparse.Namespace) -> int:
     """Prepare the site's cache, then run the SuperNode until it exits (or we are stopped)."""
-    from strpnet_core.federation import flower_env, free_port, prepare_site_cache, stop_process
-
     if args.insecure:
         log.warning("--insecure: this site talks plain HTTP; weights travel UNENCRYPTED (testing only)")
     if not args.key:
@@ -139,6 +140,21 @@ def run_site(args: argparse.Namespace) -> int:
         raise ValueError("give --site-name or --data-dir")
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else Path.home() / ".cache" / "strpnet" / site_name
     node_config(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir)  # bad values fail before the work
+    state = Path(args.state_dir).resolve() if args.state_dir else cache_dir / ".flower"
+    # One flower-client per Flower home: a second one would share FLWR_HOME, and the reaper of whichever SuperNode
+    # exits first stops every process of that home, the other site's SuperNode included.
+    with exclusive_lock(state / STATE_LOCK, timeout_s=0.0,
+                        busy=f"Flower home {state} is in use by another flower-client; give each site its own "
+                        "--state-dir (default CACHE_DIR/.flower, so also its own --cache-dir)"):
+        return _prepare_and_serve(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir, state=state)
+
+
+def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Path | None, cache_dir: Path,
+                       state: Path) -> int:
+    """Prepare the cache (unless ``--skip-prepare``), then run the SuperNode with Flower home ``state``, restarting
+    it while it fails to join for ``--retry-seconds``; returns its exit code."""
+    from strpnet_core.federation import flower_env, free_port, prepare_site_cache, stop_process
+
     if not args.skip_prepare:
         t0 = time.monotonic()
         info = prepare_site_cache(data_dir, cache_dir, site_name=site_name, preset=args.preset, seed=args.seed,
@@ -146,7 +162,6 @@ def run_site(args: argparse.Namespace) -> int:
         log.info("site %s: %d patient(s) ready in %s (%.0f s)", site_name, info.num_patients, cache_dir,
                  time.monotonic() - t0)
     port = args.port or free_port()
-    state = Path(args.state_dir).resolve() if args.state_dir else cache_dir / ".flower"
     cmd = supernode_command(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir, port=port)
     stopping: list[int] = []
     current: list[subprocess.Popen[bytes]] = []

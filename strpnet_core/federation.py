@@ -24,16 +24,14 @@ need per-patient values to leave a site). A weighted mean of per-site C-indices 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import list_cache
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, exclusive_lock
 
 if TYPE_CHECKING:  # pragma: no cover - import cycles / heavy imports only for typing
     import torch
@@ -421,27 +419,6 @@ class SiteCache:
     num_patients: int
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{path}: another process has been preparing this cache for more than {timeout_s:.0f} s"
-                    ) from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _read_marker(cache_dir: Path) -> dict[str, Any] | None:
     marker = cache_dir / READY_MARKER
     if not marker.is_file():
@@ -521,7 +498,9 @@ def prepare_site_cache(
     update = refresh and data_dir is not None and Path(data_dir).is_dir()
     info = None if update else _read_marker(cache)
     if info is None:
-        with _file_lock(cache / LOCK_FILE, lock_timeout_s):
+        with exclusive_lock(cache / LOCK_FILE, timeout_s=lock_timeout_s,
+                            busy=f"{cache / LOCK_FILE}: another process has been preparing this cache for more than "
+                            f"{lock_timeout_s:.0f} s"):
             info = None if update else _read_marker(cache)  # somebody may have finished while we waited
             if info is None:
                 info = _build_cache(data_dir, cache, site_name=site_name, preset=preset, seed=seed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -51,6 +52,38 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str], *, timeout_s: float, busy: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on the file ``path`` (created if missing) while the block runs.
+
+    Waits up to ``timeout_s`` seconds (0: try once) for another holder to release it, then raises TimeoutError
+    ``"<busy> (held by pid N)"``, N read from the file, where each holder writes its PID. The kernel releases
+    the lock when its holder dies, however it dies: a killed process never leaves a stale lock.
+    """
+    lock = Path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    raise TimeoutError(f"{busy} (held by pid {holder})") from None
+                time.sleep(0.5)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,33 @@ def test_permissions_follow_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_exclusive_lock_waits_then_names_the_holder(tmp_path: Path) -> None:
+    """A second holder waits up to its timeout, then gets an error naming the lock and the holder's PID; a waiter
+    gets the lock as soon as the holder leaves (here: dies, which releases it too)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from strpnet_core.fsutil import exclusive_lock
+
+    lock = tmp_path / "sub" / "x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from strpnet_core.fsutil import exclusive_lock\n"
+        f"with exclusive_lock({str(lock)!r}, timeout_s=0, busy='x'):\n"
+        "    print('held', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=rf"^{lock}: busy \(held by pid {holder.pid}\)$"):
+            with exclusive_lock(lock, timeout_s=1.0, busy=f"{lock}: busy"):
+                pass
+        assert time.monotonic() - t0 >= 1.0
+        threading.Timer(1.0, holder.kill).start()
+        with exclusive_lock(lock, timeout_s=60.0, busy="never"):  # waits for the kill, then holds it
+            assert lock.read_text() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

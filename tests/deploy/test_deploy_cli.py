@@ -144,3 +144,39 @@ def test_server_resume_checks_the_run_dir(caplog: pytest.LogCaptureFixture, tmp_
     assert server_main([*base, "--run-dir", str(tmp_path / "run")]) == 1
     assert "holds a checkpoint (round 2)" in caplog.text and "--resume" in caplog.text
     assert not (tmp_path / "state").exists()  # refused before anything started
+
+
+def test_client_refuses_a_flower_home_another_client_holds(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """Two sites sharing a Flower home would sweep each other's SuperNode (the reaper stops every process of its
+    home): the second flower-client is refused, naming the home and the holder's PID, until the holder dies."""
+    import signal
+    import sys
+    import time
+
+    from client.supernode import STATE_LOCK
+    from client.supernode import main as client_main
+
+    cache = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from strpnet_core.fsutil import exclusive_lock\n"
+        f"with exclusive_lock({str(cache / '.flower' / STATE_LOCK)!r}, timeout_s=0, busy='x'):\n"
+        "    print('held', flush=True); time.sleep(120)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        args = ["--superlink", "127.0.0.1:1", "--site-name", "b", "--cache-dir", str(cache), "--skip-prepare"]
+        t0 = time.monotonic()
+        assert client_main(args) == 1
+        assert time.monotonic() - t0 < 30  # refused at once, not after waiting
+        assert f"Flower home {cache / '.flower'} is in use by another flower-client" in caplog.text
+        assert f"held by pid {holder.pid}" in caplog.text and "--state-dir" in caplog.text
+        caplog.clear()
+        # another --state-dir is not refused for the lock (it goes on, and stops at the missing --ca)
+        assert client_main([*args, "--state-dir", str(tmp_path / "other")]) == 1
+        assert "give --ca" in caplog.text and "in use" not in caplog.text
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    caplog.clear()
+    # the kernel released the killed holder's lock: the same home is free again
+    assert client_main(args) == 1
+    assert "give --ca" in caplog.text and "in use" not in caplog.text
