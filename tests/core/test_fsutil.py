@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_exclusive_lock_waits_then_names_the_holder(tmp_path: Path) -> None:
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         t0 = time.monotonic()
-        with pytest.raises(TimeoutError, match=rf"^{lock}: busy \(held by pid {holder.pid}\)$"):
+        with pytest.raises(TimeoutError, match=f"^{re.escape(f'{lock}: busy (held by pid {holder.pid})')}$"):
             with exclusive_lock(lock, timeout_s=1.0, busy=f"{lock}: busy"):
                 pass
         assert time.monotonic() - t0 >= 1.0

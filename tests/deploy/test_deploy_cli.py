@@ -158,7 +158,7 @@ def test_client_refuses_a_flower_home_another_client_holds(caplog: pytest.LogCap
 
     cache = tmp_path / "cache"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from strpnet_core.fsutil import exclusive_lock\n"
+        "import time; from strpnet_core.fsutil import exclusive_lock\n"
         f"with exclusive_lock({str(cache / '.flower' / STATE_LOCK)!r}, timeout_s=0, busy='x'):\n"
         "    print('held', flush=True); time.sleep(120)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
