@@ -1,10 +1,14 @@
 # One-command entry points (see README). Everything lives in a local virtual environment (.venv).
 PYTHON ?= python3
 VENV   ?= .venv
-# CPU wheel from local disk on the development machines; a GPU site overrides TORCH_SPEC/PIP_TORCH_ARGS
-# (docs/deployment.md), e.g. make setup PIP_TORCH_ARGS="--index-url <PyTorch CUDA wheel index>".
-TORCH_SPEC     ?= torch==2.13.0
-PIP_TORCH_ARGS ?=
+# torch: the CPU build unless PIP_TORCH_ARGS says otherwise. A GPU site overrides it (docs/deployment.md), e.g.
+# make setup PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cu128". Without PIP_TORCH_ARGS, a torch
+# that pip's own configuration offers without an index (find-links: the CPU wheel on local disk of the development
+# machines) is installed as it is; otherwise PyTorch's CPU index is added, whose 2.13.0+cpu outranks PyPI's Linux
+# 2.13.0 (the CUDA build, several GB).
+TORCH_SPEC      ?= torch==2.13.0
+PIP_TORCH_ARGS  ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN := $(VENV)/bin
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
@@ -15,7 +19,12 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
+	if [ -n '$(PIP_TORCH_ARGS)' ] || $(BIN)/python -m pip install -q --dry-run --no-index --no-deps \
+	    --ignore-installed "$(TORCH_SPEC)" >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS); \
+	else \
+	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
