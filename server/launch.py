@@ -474,9 +474,14 @@ def finished_summary(outcome: RunOutcome, run_dir: str | os.PathLike[str], *, ta
 def check_run_config(values: Mapping[str, Any]) -> Any:
     """The :class:`~strpnet_core.federation.FederationConfig` of ``values`` (the run config keys a launcher sets or
     overrides, the rest at their defaults), with its model and training configurations built: a bad key or value
-    raises ValueError naming it before anything starts."""
+    raises ValueError naming it before anything starts.  Keys are spelt as in ``[tool.flwr.app.config]``, with
+    dashes: Flower refuses ``local_epochs`` ("Invalid run configuration") although the Python API accepts it."""
     from strpnet_core.federation import FederationConfig
 
+    underscored = sorted(k for k in values if "_" in k)
+    if underscored:
+        raise ValueError(f"run config key(s) {', '.join(underscored)}: spell them with dashes, as in "
+                         f"[tool.flwr.app.config] ({', '.join(k.replace('_', '-') for k in underscored)})")
     cfg = FederationConfig.from_run_config(dict(values))
     cfg.model_config()
     cfg.train_config()

@@ -34,6 +34,9 @@ def test_server_refuses_bad_run_values_before_starting(caplog: pytest.LogCapture
     assert server_main([*base, "--rounds", "0"]) == 1 and "num-server-rounds must be >= 1" in caplog.text
     assert server_main([*base, "--min-sites", "0"]) == 1 and "--min-sites 0" in caplog.text
     assert server_main([*base, "-c", "lr=-1"]) == 1 and "lr must be > 0" in caplog.text
+    assert server_main([*base, "-c", "local_epochs=2"]) == 1 and "spell them with dashes" in caplog.text
+    assert "(local-epochs)" in caplog.text
+    assert server_main([*base, "-c", "no-such-knob=2"]) == 1 and "not used by strpnet-fed" in caplog.text
     assert not (tmp_path / "superlink.db").exists()  # nothing was started
 
 
