@@ -7,7 +7,8 @@ Usage::
 
 Reports wall time, seconds per patient, patients, events, oracle C-index, and the C-index of a one-number image
 baseline measured on the written pre-op images (FLAIR-halo thickness: ``cbrt(V_flair) - cbrt(V_t1c)`` with the
-FLAIR and T1c hyperintense volumes thresholded at the 99th percentile of the brain's own intensities times 1.15).
+FLAIR and T1c hyperintense volumes: voxels of the true brain mask above 1.3 x the 60th percentile of the image's
+brain intensities, each image divided by its true bias field first).
 """
 
 from __future__ import annotations

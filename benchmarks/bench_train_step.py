@@ -2,8 +2,8 @@
 
 Each configuration (network x precision) runs in a FRESH subprocess, so that its peak resident memory
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: tracemalloc does not see torch's allocations) is its own; on CUDA the
-peak of ``torch.cuda.max_memory_allocated`` is reported instead. A step is: zero_grad, forward under autocast, loss,
-backward, Adam step; one warm-up step is not timed.
+peak of ``torch.cuda.max_memory_allocated`` is reported instead. A timed step is: forward under autocast, loss,
+backward, Adam step (``zero_grad`` runs before the timer); one warm-up step is not timed.
 
 Networks (same input batch of B patients x T timepoints, 4 channels, size^3):
 

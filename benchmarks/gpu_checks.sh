@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS CMD...: run with a bound, keep going on failure
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'; \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0), \
 'bf16', torch.cuda.is_bf16_supported())" || exit 1
-step cuda-tests 200 "$py" -m pytest -q -p no:cacheprovider -rs tests/core/test_cuda.py tests/server/test_simulation_gpu.py
+step cuda-tests 600 "$py" -m pytest -q -p no:cacheprovider -rs tests/core/test_cuda.py tests/server/test_simulation_gpu.py
 step train-step 100 "$py" benchmarks/bench_train_step.py --device cuda --size 96 --timepoints 3 --repeats 10
 step train-step-deterministic 60 "$py" benchmarks/bench_train_step.py --device cuda --size 96 --timepoints 3 \
     --repeats 10 --networks strpnet --deterministic
