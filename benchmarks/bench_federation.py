@@ -355,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from strpnet_core.commands.simulate import parse_overrides
 
-    overrides = {"val-fraction": 0.5, **parse_overrides(args.run_config)}
+    # fp32 unless -c says otherwise: at the default 16^3 the default model's bottleneck is 2^3 voxels, where CPU bf16
+    # autocast (oneDNN, AVX512-BF16 CPUs) gave gradients that differ from run to run and were sometimes inf (the
+    # site's train step then refuses the step: measured 2026-12-07; deterministic at 24^3 and above, fp32 always).
+    overrides = {"val-fraction": 0.5, "precision": "fp32", **parse_overrides(args.run_config)}
     counts = [int(x) for x in args.sites.split(",")]
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-federation-"))
     results = []
