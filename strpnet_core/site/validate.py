@@ -201,7 +201,8 @@ def _check_scan(
 ) -> tuple[dict[str, Path] | None, Path | None, ImageInfo | None, list[Problem], list[Problem]]:
     """Check the files of one scan folder.
 
-    Returns (images or None when the scan is unusable, seg, T1c geometry, scan problems, seg problems).
+    Returns (images or None when the scan is unusable, seg, T1c geometry, scan problems, notes: seg problems and
+    warnings about files that are not read, e.g. a ``t1c_old.nii.gz`` left beside the scan's ``t1c``).
     """
     rel = ctx.rel(folder)
     try:
@@ -232,8 +233,11 @@ def _check_scan(
         images[modality] = files[0]
         if modality == REFERENCE_MODALITY:
             t1c = info
-    seg, seg_problems = _check_seg(ctx, pid, folder, names, t1c)
-    return (images if not problems else None), seg, t1c, problems, seg_problems
+    seg, notes = _check_seg(ctx, pid, folder, names, t1c)
+    read = {f.name for kind in (*MODALITIES, "seg") for f in _modality_files(folder, names, kind)}
+    notes += [Problem(ctx.rel(folder / name), "unexpected file in the scan folder; not read", pid, WARNING)
+              for name in sorted(names - read) if not name.startswith(".")]
+    return (images if not problems else None), seg, t1c, problems, notes
 
 
 def _check_seg(
