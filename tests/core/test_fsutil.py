@@ -44,14 +44,15 @@ def test_permissions_follow_umask(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
 
-def test_exclusive_lock_waits_then_names_the_holder(tmp_path: Path) -> None:
-    """A second holder waits up to its timeout, then gets an error naming the lock and the holder's PID; a waiter
+def test_exclusive_lock_waits_then_names_the_holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second holder retries until its timeout, then gets an error naming the lock and the holder's PID; a waiter
     gets the lock as soon as the holder leaves (here: dies, which releases it too)."""
     import subprocess
     import sys
     import threading
-    import time
+    import types
 
+    from strpnet_core import fsutil
     from strpnet_core.fsutil import exclusive_lock
 
     lock = tmp_path / "sub" / "x.lock"
@@ -61,11 +62,18 @@ def test_exclusive_lock_waits_then_names_the_holder(tmp_path: Path) -> None:
         "    print('held', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError, match=f"^{re.escape(f'{lock}: busy (held by pid {holder.pid})')}$"):
-            with exclusive_lock(lock, timeout_s=1.0, busy=f"{lock}: busy"):
-                pass
-        assert time.monotonic() - t0 >= 1.0
+        clock, naps = [0.0], []  # a fake clock: the retries are counted, not timed
+
+        def nap(seconds: float) -> None:
+            naps.append(seconds)
+            clock[0] += seconds
+
+        with monkeypatch.context() as m:
+            m.setattr(fsutil, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=nap))
+            with pytest.raises(TimeoutError, match=f"^{re.escape(f'{lock}: busy (held by pid {holder.pid})')}$"):
+                with exclusive_lock(lock, timeout_s=1.0, busy=f"{lock}: busy"):
+                    pass
+        assert naps == [0.5, 0.5]  # tried at 0, 0.5 and 1.0 s of the timeout, then gave up
         threading.Timer(1.0, holder.kill).start()
         with exclusive_lock(lock, timeout_s=60.0, busy="never"):  # waits for the kill, then holds it
             assert lock.read_text() == str(os.getpid())
