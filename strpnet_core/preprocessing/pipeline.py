@@ -88,7 +88,8 @@ class PipelineSettings:
     #: 0.5 mm error at 4 mm on the ci cohort); the full-resolution level costs ~4x more at 2 mm.
     modality_linear: LinearSettings = LinearSettings()
     #: Atlas brain extraction (skull-present scans): the 2 mm MNI template registered at 8 and 4 mm only; the
-    #: intensity refinement that follows fixes the boundary, so the 2 mm level (~3x the cost) is not needed.
+    #: intensity refinement that follows fixes the boundary, so the 2 mm level (2-3x the cost in two measurements,
+    #: docs/preprocessing.md step 2) is not needed.
     brain_linear: LinearSettings = LinearSettings(shrink_factors=(4, 2), smoothing_sigmas_mm=(2.0, 1.0))
     bspline: BSplineSettings | None = BSplineSettings()
     #: Dense (demons) refinement of the longitudinal T1c registration: ci only (see :meth:`from_preset`).
