@@ -72,7 +72,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's held-out patients; reply with aggregate counts only."""
     cfg = FederationConfig.from_run_config(context.run_config)
     site = ready_site(context.node_config, cfg)
+    k = min_eval_patients(context.node_config)
     metrics = local_evaluate(msg.content["arrays"].to_torch_state_dict(), site.cache_dir, cfg, site_name=site.site_name,
-                             server_round=_global_round(msg))
-    metrics = suppress_small_evaluation(metrics, min_eval_patients(context.node_config), site_name=site.site_name)
+                             server_round=_global_round(msg), min_patients=k)
+    metrics = suppress_small_evaluation(metrics, k, site_name=site.site_name)
     return Message(content=RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)

@@ -71,8 +71,8 @@ RISK_HIST_HIGH = 10.0
 RISK_HIST_BINS = 40
 #: ``risk_hist_00`` counts risk < LOW, ``risk_hist_01`` .. ``risk_hist_40`` the bins, ``risk_hist_41`` risk >= HIGH.
 RISK_HIST_KEYS: tuple[str, ...] = tuple(f"risk_hist_{i:02d}" for i in range(RISK_HIST_BINS + 2))
-#: No non-empty cell of a site's histogram stands for fewer training patients than this (adjacent bins are grouped,
-#: ``risk_reference.k_anonymous_counts``); a site with fewer sends an all-zero histogram.
+#: No cell of a site's histogram stands for fewer training patients than this, or the site's ``min-eval-patients``
+#: when larger (adjacent bins are grouped, ``risk_reference.k_anonymous_counts``); a site with fewer sends zeros.
 RISK_HIST_MIN_PATIENTS = 5
 #: Flower's weighting key (FedAvg's ``weighted_by_key``).
 NUM_EXAMPLES_KEY = "num-examples"
@@ -700,12 +700,13 @@ def local_evaluate(
     *,
     site_name: str,
     server_round: int | None = None,
+    min_patients: int = MIN_EVAL_PATIENTS,
 ) -> dict[str, float | int]:
     """Evaluate the global model on a site's held-out split; return aggregate counts only.
 
     Also counts the risk scores of the site's training patients in the fixed bins :data:`RISK_HIST_KEYS`
-    (``strpnet_core.risk_reference``; grouped so that no non-empty cell stands for fewer than
-    :data:`RISK_HIST_MIN_PATIENTS` patients, all zeros below that many): the server sums them
+    (``strpnet_core.risk_reference``; grouped so that no cell stands for fewer than
+    ``max(RISK_HIST_MIN_PATIENTS, min_patients)`` patients, all zeros below that many): the server sums them
     into the reference distribution that ``strpnet predict`` ranks a new patient's risk in.
 
     Parameters
@@ -713,6 +714,9 @@ def local_evaluate(
     server_round:
         Global round of this evaluation, when the caller knows it: the histogram is computed only in the final round
         (``num-server-rounds``; zeros before, saving a forward pass over the training split). None: every round.
+    min_patients:
+        The site's small-count minimum (its node config ``min-eval-patients``, ``client/audit.py``); the risk
+        histogram's groups hold at least this many patients too when it is above :data:`RISK_HIST_MIN_PATIENTS`.
 
     Returns
     -------
@@ -738,7 +742,8 @@ def local_evaluate(
     out: dict[str, float | int] = {k: metrics[k] for k in EVAL_COUNT_KEYS}
     out[NUM_EXAMPLES_KEY] = int(metrics["n_patients"])
     if server_round is None or server_round >= cfg.num_server_rounds:
-        out.update(site_risk_histogram(dataset_risks(model, train_set, train_cfg)))
+        out.update(site_risk_histogram(dataset_risks(model, train_set, train_cfg),
+                                       min_patients=max(RISK_HIST_MIN_PATIENTS, int(min_patients))))
     else:
         out.update(dict.fromkeys(RISK_HIST_KEYS, 0))
     out[EVAL_SECONDS_KEY] = float(time.perf_counter() - t0)

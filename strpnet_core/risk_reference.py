@@ -3,20 +3,23 @@
 Flow (federated run)::
 
     site s:   risks r_i of its training patients (final global model) -> counts h_s over fixed bins
-              (federation.RISK_HIST_*), adjacent bins merged until each group holds >= RISK_HIST_MIN_PATIENTS
-              patients (all zeros when the site has fewer)
+              (federation.RISK_HIST_*), adjacent bins grouped from the underflow to the overflow bin so that each
+              group holds >= k patients (k = RISK_HIST_MIN_PATIENTS, or the site's min-eval-patients when larger;
+              all zeros when the site has fewer)
     server:   H = sum_s h_s (the evaluation pooling) -> quantiles q_1 .. q_99 -> RUN_DIR/risk_reference.json
     predict:  percentile of a new risk r among q_1 .. q_99
 
-No per-patient risk leaves a site: only the counts of its training patients over groups of adjacent bins, each group
-holding at least ``k = RISK_HIST_MIN_PATIENTS`` patients (:func:`k_anonymous_counts`), which the server sums with
-the other sites' counts; the reference file holds the pooled quantiles, the number of patients and the bin layout.
+No per-patient risk leaves a site: only the counts of its training patients over groups of adjacent bins that tile
+the whole range, each holding at least ``k`` patients (:func:`k_anonymous_counts`), which the server sums with the
+other sites' counts; the reference file holds the pooled quantiles, the number of patients and the bin layout.
 
 Quantiles of the pooled histogram use a piecewise-linear CDF: with bin edges ``e_0 < ... < e_K`` (``e_0 = LOW``,
 ``e_K = HIGH``), underflow count ``u``, bin counts ``c_k`` and total ``N``, ``F(e_k) = (u + sum_{j<=k} c_j) / N``
 and ``F`` is linear inside each bin (uniform mass within a bin). The quantile ``q_p`` solves ``F(q_p) = p / 100``; it
 is clamped to ``LOW`` (``HIGH``) when it falls in the underflow (overflow) mass. The resolution is the bin width
-(0.5 with the defaults).
+(0.5 with the defaults) where the sites' patients are dense, a site's group (wider) where they are sparse: each
+site's first and last groups reach to the clamps ``LOW`` and ``HIGH``, which spreads the tails (the 1st and 99th
+percentiles of a site of a few hundred patients move out by about 1 to 2).
 """
 
 from __future__ import annotations
@@ -92,12 +95,19 @@ def risk_histogram(risks: Any) -> np.ndarray:
 
 
 def k_anonymous_counts(counts: Any, k: int) -> np.ndarray:
-    """Histogram counts in which every non-empty cell stands for a group of at least ``k`` patients.
+    """Histogram counts in which every cell stands for a group of at least ``k`` patients, the groups tiling all the
+    cells from the underflow to the overflow cell.
 
-    Adjacent bins are grouped left to right: a group starts at an occupied bin and closes at the first bin where its
-    count ``c_g`` reaches ``k``; a last group below ``k`` joins the one before it; empty bins outside the groups
-    stay empty. Each of the ``n_g`` bins of a group reports ``c_g / n_g``, so a reader learns only
-    that ``c_g >= k`` patients lie in the group's range; the total is kept. All zeros when the total is below ``k``.
+    Groups of adjacent cells, left to right: a group starts right after the previous one (the first at cell 0,
+    whether occupied or not) and closes at the first cell where its count ``c_g`` reaches ``k``; the cells after the
+    last closed group (holding fewer than ``k``) join it, up to the last cell. Each of the ``n_g`` cells of a group
+    reports ``c_g / n_g``; the total is kept. All zeros when the total is below ``k``.
+
+    What a reader learns: each group's count (``>= k``) and its closing cells, i.e. the bins of the ``k``-th,
+    ``(c_1 + k)``-th, ... lowest risks (order statistics with at least ``k`` patients at or below them and, but for
+    the last, at least ``k`` above). The lowest and highest patients' bins are not shown: the first group reaches
+    down to the underflow cell and the last up to the overflow cell (a grouping that starts at the first occupied
+    bin, as this function did until 2026-12, shows the lowest patient's bin, and its last group's end the highest's).
 
     Parameters
     ----------
@@ -112,20 +122,19 @@ def k_anonymous_counts(counts: Any, k: int) -> np.ndarray:
         float64 counts of the same length and total.
     """
     c = np.asarray(counts, dtype=np.float64)
+    if k <= 1:
+        return c.copy()
     out = np.zeros_like(c)
     if c.sum() < k:
         return out
-    occupied = np.flatnonzero(c)
     groups: list[list[int]] = [[]]
-    for i in range(int(occupied[0]), int(occupied[-1]) + 1):
-        if not groups[-1] and c[i] == 0:  # a group starts at an occupied bin
-            continue
+    for i in range(len(c)):
         groups[-1].append(i)
         if c[groups[-1]].sum() >= k:
             groups.append([])
     last = groups.pop()
-    if last:  # a last group below k joins the one before it (with the empty bins between them)
-        groups[-1] = list(range(groups[-1][0], last[-1] + 1))
+    if last:  # the cells after the last closed group (fewer than k patients) join it
+        groups[-1] += last
     for g in groups:
         out[g] = c[g].sum() / len(g)
     return out
@@ -241,7 +250,8 @@ class RiskReference:
             "histogram": {"low": RISK_HIST_LOW, "high": RISK_HIST_HIGH, "bins": RISK_HIST_BINS,
                           "min_patients_per_site": RISK_HIST_MIN_PATIENTS},
             "privacy": "pooled quantiles of the training sites' risk scores; each site sent only fixed-bin counts "
-                       f"(none when it had fewer than {RISK_HIST_MIN_PATIENTS} patients); no per-patient value",
+                       f"grouped by at least {RISK_HIST_MIN_PATIENTS} patients (more where the site's min-eval-"
+                       "patients is larger; none when it had fewer); no per-patient value",
         }
 
 

@@ -221,6 +221,22 @@ def test_allow_lists_cover_what_the_core_sends() -> None:
                              _received("evaluate", ArrayRecord()))
 
 
+def test_risk_histogram_groups_honour_the_sites_own_minimum(tmp_path: Path) -> None:
+    """A site whose min-eval-patients is above RISK_HIST_MIN_PATIENTS gets risk-histogram groups of that size too:
+    8 patients, val-fraction 0.4 -> 5 training patients: sent with the default minimum (5), zeros with 6."""
+    from strpnet_core.federation import RISK_HIST_KEYS, RISK_HIST_MIN_PATIENTS, local_evaluate
+
+    make_site_caches(tmp_path, sites=1, patients=8)
+    cfg, cache = _cfg(), tmp_path / "site-01"
+    train, _ = site_splits(load_site_dataset(cache), cfg, "site-01")
+    assert len(train) == RISK_HIST_MIN_PATIENTS
+    weights = build_model(cfg).state_dict()
+    sent = {k: local_evaluate(weights, cache, cfg, site_name="site-01", min_patients=k) for k in (2, 6)}
+    assert sum(sent[2][key] for key in RISK_HIST_KEYS) == pytest.approx(RISK_HIST_MIN_PATIENTS)
+    assert all(sent[6][key] == 0 for key in RISK_HIST_KEYS)
+    assert sent[6]["n_patients"] == sent[2]["n_patients"] == 3  # the evaluation counts do not depend on it
+
+
 def test_small_evaluation_split_sends_zero_counts() -> None:
     one = {**EvalAggregates(loss_sum=0.83, n_patients=1, n_events=1, dice_intersection=40,
                             dice_denominator=95, n_labelled=1).to_metrics(), NUM_EXAMPLES_KEY: 1, "risk_hist_05": 7,
