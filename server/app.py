@@ -14,7 +14,6 @@ content-defined order.
 
 from __future__ import annotations
 
-import random
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -28,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from strpnet_core.federation import FederationConfig, build_model, evaluate_test_set
 from strpnet_core.risk_reference import write_risk_reference_from_history
 
-from .checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seed_server_rngs
 from .outputs import write_final_model, write_metrics, write_summary
 from .strategy import QuorumNotReached, STRPNetStrategyMixin, core_strategy, make_strategy
 
@@ -107,8 +106,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         if cfg.resume:
             log(INFO, "[strpnet] resume=true but %s holds no checkpoint: starting a new run", run_dir)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        seed_server_rngs(cfg.seed, secret_numpy=cfg.dp != "off")  # DP noise: not from the seed every site knows
         model = build_model(cfg)
         arrays = ArrayRecord(model.state_dict())
         done, history = 0, []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,23 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_server_rngs(seed: int, *, secret_numpy: bool = False) -> None:
+    """Seed Python's ``random`` and NumPy's global generator at the start of a new run.
+
+    Both from ``seed``, or, with ``secret_numpy`` (a run with differential privacy), NumPy's from 128 bits of fresh
+    OS entropy (``secrets.token_bytes``): Flower's DP wrappers draw the Gaussian noise from NumPy's global generator,
+    and every site knows the run's ``seed`` (it is in the run config), so noise drawn from it could be recomputed
+    and subtracted from the released weights. The checkpoint keeps the generator's state (:func:`capture_rng`, on
+    the coordinator only), so a resumed DP run still draws the same noise as an uninterrupted one; two DP runs with
+    the same seed differ.
+    """
+    random.seed(seed)
+    if secret_numpy:
+        np.random.seed(np.frombuffer(secrets.token_bytes(16), dtype=np.uint32))
+    else:
+        np.random.seed(seed % 2**32)
 
 
 def capture_rng() -> dict[str, Any]:

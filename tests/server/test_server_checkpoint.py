@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from server.checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seed_server_rngs
 from server.outputs import load_final_model, write_final_model, write_metrics, write_summary
 
 
@@ -36,6 +36,33 @@ def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
     assert ckpt.history[0]["round"] == 1 and np.isnan(ckpt.history[0]["dice"])
     restore_rng(ckpt.rng)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_dp_noise_is_not_drawn_from_the_public_seed() -> None:
+    """Flower's DP wrappers add noise from NumPy's global generator; every site knows the run's seed, so a DP run
+    seeds that generator from secret entropy (Python's ``random`` keeps the seed); a resume restores it."""
+    from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
+
+    def noise() -> np.ndarray:
+        arrays = [np.zeros(64, dtype=np.float64)]
+        add_gaussian_noise_inplace(arrays, 1.0)
+        return arrays[0]
+
+    seed_server_rngs(7)
+    public = (random.random(), noise())
+    seed_server_rngs(7)
+    assert random.random() == public[0] and np.array_equal(noise(), public[1])  # without DP: the seed's draws
+    draws = []
+    for _ in range(2):
+        seed_server_rngs(7, secret_numpy=True)
+        draws.append((random.random(), noise()))
+    assert draws[0][0] == draws[1][0] == public[0]
+    assert not np.array_equal(draws[0][1], public[1]) and not np.array_equal(draws[0][1], draws[1][1])
+    state = capture_rng()  # the checkpoint's copy: a resumed DP run draws the noise the uninterrupted one would
+    expected = noise()
+    seed_server_rngs(7)
+    restore_rng(state)
+    assert np.array_equal(noise(), expected)
 
 
 def test_no_checkpoint_and_corrupt_checkpoint(tmp_path: Path) -> None:
