@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from strpnet_core.federation import FederationConfig, build_model, evaluate_test_set
+from strpnet_core.federation import FederationConfig, build_model, check_test_cache, evaluate_test_set
 from strpnet_core.risk_reference import write_risk_reference_from_history
 
 from .checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seed_server_rngs
@@ -81,6 +81,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = resolve_run_dir(cfg, context.run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_cfg, train_cfg = cfg.model_config(), cfg.train_config()
+    if cfg.test_cache:  # a bad test-cache stops the run here, not after the first round's training
+        log(INFO, "[strpnet] coordinator test set %s: %d patients", cfg.test_cache, check_test_cache(cfg))
 
     ckpt = load_checkpoint(run_dir)
     if ckpt is not None and not cfg.resume:
@@ -131,7 +133,12 @@ def main(grid: Grid, context: Context) -> None:
         server_round = done + local_round
         row = _round_row(server_round, core, now - state["t"], model_bytes)
         if cfg.test_cache:  # server-side evaluation on the coordinator's own held-out patients
-            test = evaluate_test_set(current.to_torch_state_dict(), cfg)
+            try:
+                test = evaluate_test_set(current.to_torch_state_dict(), cfg)
+            except Exception as exc:  # noqa: BLE001 - the round's checkpoint and metrics must still be written
+                log(ERROR, "[strpnet] round %d/%d: coordinator test set %s failed: %s: %s; its metrics are NaN this "
+                    "round", server_round, total, cfg.test_cache, type(exc).__name__, exc)
+                test = dict.fromkeys(TEST_METRICS, float("nan"))
             row.update({f"test_{k.replace('-', '_')}": test[k] for k in TEST_METRICS})
             log(INFO, "[strpnet] round %d/%d: coordinator test set: C-index %s (%s comparable pairs of %s patients), "
                 "Dice %s", server_round, total, _fmt(row["test_c_index"]), _fmt(row["test_comparable"], ".0f"),

@@ -551,14 +551,17 @@ def _build_cache(
 
 
 def _cache_preset(cache: Path) -> str | None:
-    from .cache import load_cached_patient
+    """The preset recorded in the first usable cache file of ``cache``, or None (no usable file, or none recorded).
+    Unusable files (``cache.cache_file_problem``, e.g. copied in half) are skipped, as :func:`load_site_dataset`
+    leaves them out: one bad file does not take the site out."""
+    from .cache import cache_file_problem, load_cached_patient
 
-    files = list_cache(cache)
-    if not files:
-        return None
-    meta = load_cached_patient(files[0]).meta
-    preset = meta.get("preset") if isinstance(meta, dict) else None
-    return str(preset) if preset else None
+    for f in list_cache(cache):
+        if cache_file_problem(f) is None:
+            meta = load_cached_patient(f).meta
+            preset = meta.get("preset") if isinstance(meta, dict) else None
+            return str(preset) if preset else None
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -786,6 +789,27 @@ def check_reply_keys(replies: Sequence[Mapping[str, Any]], required: Sequence[st
                 f"{what} replies have mismatched keys: {name} has {sorted(rep)} but {names[0]} has "
                 f"{sorted(reference)}; every site must run the same strpnet-fed version"
             )
+
+
+def check_test_cache(cfg: FederationConfig) -> int:
+    """Check the coordinator's ``test-cache`` before the first round; return its number of usable patients.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``test-cache`` is not a folder.
+    strpnet_core.site.NoUsablePatientError
+        The folder holds no usable cache file.
+    ValueError
+        Its patients were preprocessed with another preset than the run's.
+    """
+    path = Path(cfg.test_cache)
+    if not path.is_dir():
+        raise FileNotFoundError(f"test-cache {path}: not a folder (the coordinator's preprocessed test patients)")
+    preset = _cache_preset(path)
+    if preset is not None and preset != cfg.preset:
+        raise ValueError(f"test-cache {path}: preprocessed with preset {preset!r}, the run uses {cfg.preset!r}")
+    return len(load_site_dataset(path))
 
 
 def evaluate_test_set(state_dict: Mapping[str, Any], cfg: FederationConfig) -> dict[str, float]:

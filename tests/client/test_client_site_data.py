@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -83,6 +84,37 @@ def test_existing_cache_is_accepted_and_marked(tmp_path: Path) -> None:
     assert info.num_patients == 3 and (site / READY_MARKER).is_file()
     with pytest.raises(ValueError, match="built with preset 'ci' but this run uses preset 'demo'"):
         prepare_site_cache(None, site, site_name="site-01", preset="demo")
+
+
+def test_a_damaged_first_cache_file_does_not_take_the_site_out(tmp_path: Path) -> None:
+    """The preset of a cache without a marker is read from its first *usable* file (a file copied in half sorts
+    first here); the dataset leaves the damaged one out."""
+    site = _cache(tmp_path / "site-01")
+    good = cache_path(site, "P0").read_bytes()
+    cache_path(site, "A-half").write_bytes(good[: len(good) // 2])
+    info = prepare_site_cache(None, site, site_name="site-01", preset="ci")
+    assert json.loads((site / READY_MARKER).read_text())["preset"] == "ci"
+    assert info.num_patients == 4 and len(federation.load_site_dataset(site)) == 3
+    with pytest.raises(ValueError, match="built with preset 'ci' but this run uses preset 'demo'"):
+        prepare_site_cache(None, site, site_name="site-01", preset="demo")
+
+
+def test_the_coordinators_test_cache_is_checked_before_the_first_round(tmp_path: Path) -> None:
+    from strpnet_core.federation import check_test_cache
+    from strpnet_core.site import NoUsablePatientError
+
+    def cfg(path: Path, preset: str = "ci") -> FederationConfig:
+        return FederationConfig.from_run_config({"test-cache": str(path), "preset": preset})
+
+    with pytest.raises(FileNotFoundError, match=f"test-cache {tmp_path / 'typo'}: not a folder"):
+        check_test_cache(cfg(tmp_path / "typo"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoUsablePatientError):
+        check_test_cache(cfg(tmp_path / "empty"))
+    test = _cache(tmp_path / "test", n=4)
+    with pytest.raises(ValueError, match="preprocessed with preset 'ci', the run uses 'demo'"):
+        check_test_cache(cfg(test, "demo"))
+    assert check_test_cache(cfg(test)) == 4
 
 
 def test_nothing_to_train_on_is_a_clear_error(tmp_path: Path) -> None:
