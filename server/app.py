@@ -24,8 +24,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from strpnet_core.federation import FederationConfig, build_model, check_test_cache, evaluate_test_set
-from strpnet_core.risk_reference import write_risk_reference_from_history
+from strpnet_core.federation import (
+    RISK_HIST_MIN_PATIENTS,
+    FederationConfig,
+    build_model,
+    check_test_cache,
+    evaluate_test_set,
+)
+from strpnet_core.risk_reference import RISK_REFERENCE_JSON, write_risk_reference_from_history
 
 from .checkpoint import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seed_server_rngs
 from .outputs import write_final_model, write_metrics, write_summary
@@ -185,7 +191,10 @@ def main(grid: Grid, context: Context) -> None:
     final: ArrayRecord = state["arrays"]
     model_path = write_final_model(run_dir, final.to_torch_state_dict(), model_cfg.to_dict(), train_cfg.to_dict(),
                                    server_round=max(done, history[-1]["round"] if history else 0))
-    write_risk_reference_from_history(run_dir, history)  # risk_reference.json: pooled risk quantiles (predict)
+    if write_risk_reference_from_history(run_dir, history) is None:  # pooled risk quantiles for `strpnet predict`
+        log(WARNING, "[strpnet] no %s: the last round has no pooled risk histogram (every site had fewer than %d "
+            "training patients, or none was evaluated); predictions of this model report no risk percentile",
+            RISK_REFERENCE_JSON, RISK_HIST_MIN_PATIENTS)
     write_metrics(run_dir, history)
     last = history[-1] if history else {}
     scored = [r for r in history if isinstance(r.get("c_index"), float) and r["c_index"] == r["c_index"]]

@@ -462,6 +462,7 @@ def predict_patient(
     """
     import SimpleITK as sitk
 
+    from .federation import RISK_HIST_MIN_PATIENTS
     from .risk_reference import RISK_REFERENCE_JSON, load_risk_reference, percentile_of
 
     t0 = time.perf_counter()
@@ -539,7 +540,8 @@ def predict_patient(
             f"percentile among {reference.n_patients} training patients of the federated sites (pooled quantiles "
             f"1-99 from {ref_path}; values beyond them are reported as 1 or 99)" if reference is not None else
             f"no risk reference: {ref_path} not found (a federated run writes risk_reference.json next to its "
-            f"final model; give --risk-reference)"),
+            f"final model when a site had at least {RISK_HIST_MIN_PATIENTS} training patients in its last round; "
+            "give --risk-reference)"),
         "threshold": threshold,
         "threshold_rule": "binary map = probability > threshold (default 0.5, the cut of the federated Dice)",
         "predicted_volume_ml": float(mask.sum() * spacing.prod() / 1000.0),

@@ -280,17 +280,20 @@ def write_risk_reference_from_history(
     (the final global model's risks of the training patients).
 
     Returns the path, or None (and logs why) when the last round has no histogram or an empty one (every site
-    below the minimum count, or no evaluate reply): then predictions report no percentile.
+    below the minimum count, or no evaluate reply): then predictions report no percentile, and a reference that an
+    earlier end of the same run wrote (e.g. before a resume that stopped in another round) is removed, so that no
+    reference of another model stays beside the final one.
     """
     path = Path(run_dir) / RISK_REFERENCE_JSON
-    if not history:
-        log.warning("risk reference: no round completed; %s not written", path)
-        return None
-    last = history[-1]
+    last = history[-1] if history else {}
     counts = histogram_counts(last)
     if counts is None or counts.sum() <= 0:
-        log.warning("risk reference: round %s has no risk histogram (sites below %d patients, or no evaluate "
-                    "reply); %s not written", last.get("round"), RISK_HIST_MIN_PATIENTS, path)
+        why = (f"round {last.get('round')} has no risk histogram (sites below {RISK_HIST_MIN_PATIENTS} training "
+               "patients, or no evaluate reply)" if history else "no round completed")
+        log.warning("risk reference: %s; %s not written", why, path)
+        if path.exists():
+            path.unlink()
+            log.warning("risk reference: removed %s (an earlier model's)", path)
         return None
     sites = last.get("eval_sites")
     write_risk_reference(path, counts, n_sites=None if sites is None else int(sites),

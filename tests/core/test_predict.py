@@ -271,6 +271,9 @@ def test_server_writes_the_reference_from_the_last_round(tmp_path: Path) -> None
     path = write_risk_reference_from_history(tmp_path, [row, row2])
     ref = load_risk_reference(path)
     assert ref.n_patients == 30 and ref.n_sites == 2 and "round 3" in ref.source
+    # the same run resumed and ended in a round without a histogram: the earlier model's reference is removed
+    assert write_risk_reference_from_history(tmp_path, [row, row2, dict(row, round=4)]) is None
+    assert not path.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
