@@ -844,8 +844,10 @@ def pool_eval_counts(replies: Sequence[Mapping[str, float | int]],
         The summed :data:`EVAL_COUNT_KEYS`, ``sites`` (number of replies) and
 
         - ``c-index`` = (concordant + tied_risk / 2) / comparable  (NaN when no pair is comparable),
-        - ``dice`` = 2 * dice_intersection / dice_denominator      (pooled over voxels; 1 when both empty),
-        - ``loss`` = loss_sum / n_patients.
+        - ``dice`` = 2 * dice_intersection / dice_denominator      (pooled over voxels; NaN when the denominator is 0),
+        - ``loss`` = loss_sum / n_labelled                         (NaN without labelled patient)
+
+        (:func:`derived_eval_metrics`).
 
         The risk-histogram counts :data:`RISK_HIST_KEYS` are summed too when the replies hold them, and
         ``eval-seconds-max`` is the slowest site's ``eval-seconds`` when the replies hold it.

@@ -153,7 +153,8 @@ def site_table(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per-site rows of a round (its ``per_site`` list) with each site's C-index and Dice from its own counts.
 
     For site ``s``: ``C_s = (concordant_s + tied_risk_s / 2) / comparable_s`` (NaN without a comparable pair) and
-    ``Dice_s = 2 I_s / D_s`` (``metrics.dice_from_counts``). Sites are labelled ``site 1..S`` in node-id order;
+    ``Dice_s = 2 I_s / D_s`` (``metrics.dice_from_counts``; NaN when ``D_s = 0``: the site counted no labelled
+    patient, e.g. below its small-count rule). Sites are labelled ``site 1..S`` in increasing node id (numeric);
     the node id is kept beside the label.
 
     Returns
@@ -165,7 +166,11 @@ def site_table(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     from .metrics import ConcordanceCounts, dice_from_counts
 
     out = []
-    for i, s in enumerate(sorted(row.get("per_site") or [], key=lambda s: str(s.get("node")))):
+    def node_order(site: Mapping[str, Any]) -> tuple[int, str]:
+        node = str(site.get("node"))
+        return (int(node), "") if node.isdigit() else (-1, node)
+
+    for i, s in enumerate(sorted(row.get("per_site") or [], key=node_order)):
         rec: dict[str, Any] = {"label": f"site {i + 1}", "node": str(s.get("node", "?"))}
         for k in ("train_examples", "train_loss", "n_patients", "n_events", "comparable"):
             rec[k] = _num(s.get(k))
@@ -174,7 +179,7 @@ def site_table(row: Mapping[str, Any]) -> list[dict[str, Any]]:
         except (KeyError, TypeError, ValueError):
             rec["c_index"] = math.nan
         di, dd = _num(s.get("dice_intersection")), _num(s.get("dice_denominator"))
-        rec["dice"] = dice_from_counts(di, dd) if math.isfinite(di) and math.isfinite(dd) else math.nan
+        rec["dice"] = dice_from_counts(di, dd) if math.isfinite(di) and math.isfinite(dd) and dd > 0 else math.nan
         out.append(rec)
     return out
 
@@ -637,7 +642,7 @@ def _page(run: RunRecord, summary: Mapping[str, Any], config: Mapping[str, Any],
         ("final federated C-index", f"{_f(last.get('c_index'))} ({_f(last.get('comparable'), '.0f')} comparable "
                                     f"pairs)"),
         ("final pooled Dice", _f(last.get("dice"))),
-        ("best round by C-index", f"{summary.get('best_round_by_c_index', 'n/a')} "
+        ("best round by C-index", f"{summary.get('best_round_by_c_index') or 'n/a'} "
                                   f"(C-index {_f(summary.get('best_c_index'))})"),
         ("sites per round", _f(last.get("eval_sites"), ".0f")),
         ("preset / seed", f"{config.get('preset', '?')} / {config.get('seed', '?')}"),

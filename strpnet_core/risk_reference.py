@@ -227,7 +227,8 @@ class RiskReference:
     n_patients:
         Patients counted (sum over the contributing sites).
     n_sites:
-        Sites that contributed a non-zero histogram (None when unknown).
+        Sites evaluated in the round the histogram comes from (some may have sent zeros, being below the
+        minimum count; None when unknown).
     source:
         Where it comes from (e.g. ``federated run, round 3``).
     """

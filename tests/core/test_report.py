@@ -125,6 +125,15 @@ def test_run_without_per_site_rows_says_so(sim: dict[str, Path], tmp_path: Path)
         write_report(run, test_cache=sim["test"])
 
 
+def test_site_table_orders_nodes_by_number_and_has_no_dice_without_labelled_patients() -> None:
+    counts = {"concordant": 1, "discordant": 0, "tied_risk": 0, "comparable": 1, "n_patients": 2, "n_events": 1}
+    row = {"per_site": [{"node": 10, **counts, "dice_intersection": 3, "dice_denominator": 12},
+                        {"node": 9, **counts, "dice_intersection": 0, "dice_denominator": 0}]}
+    sites = site_table(row)
+    assert [s["node"] for s in sites] == ["9", "10"]  # numeric, not "10" < "9"
+    assert np.isnan(sites[0]["dice"]) and sites[1]["dice"] == pytest.approx(0.5)  # no labelled patient: no Dice
+
+
 def test_risk_groups_cut_at_the_training_reference_median(tmp_path: Path) -> None:
     from strpnet_core.risk_reference import RISK_HIST_KEYS, histogram_edges, write_risk_reference
 
