@@ -102,9 +102,12 @@ class PredictionResult:
 # ----------------------------------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------------------------------
-def select_patient(patient_dir: str | os.PathLike[str], patient_id: str | None = None) -> tuple[Any, str]:
+def select_patient(
+    patient_dir: str | os.PathLike[str], patient_id: str | None = None
+) -> tuple[Any, str, list[str]]:
     """Validate a raw folder in the site layout (``docs/data-format.md``; outcomes not needed) and return the
-    patient to predict and the folder's site name.
+    patient to predict, the folder's site name and the validation problems that concern the patient (a dropped
+    follow-up scan, warnings), each naming its file; they are also logged as warnings.
 
     Parameters
     ----------
@@ -116,8 +119,9 @@ def select_patient(patient_dir: str | os.PathLike[str], patient_id: str | None =
 
     Returns
     -------
-    (record, site_name):
-        The ``strpnet_core.site.PatientRecord`` (intact scans only) and the site name.
+    (record, site_name, problems):
+        The ``strpnet_core.site.PatientRecord`` (intact scans only), the site name and the patient's problems
+        (``"<file>: <reason>"``, site-level ones included).
 
     Raises
     ------
@@ -131,20 +135,19 @@ def select_patient(patient_dir: str | os.PathLike[str], patient_id: str | None =
     index = validate_site(folder, require_outcomes=False, check_voxels=True)
     problems = [str(p) for p in index.problems if patient_id is None or p.patient_id in (None, patient_id)]
     usable = {r.patient_id: r for r in index.patients}
-    if patient_id is not None:
-        if patient_id in usable:
-            return usable[patient_id], index.site_name
+    if patient_id is not None and patient_id not in usable:
         why = "; ".join(problems) if patient_id in index.excluded else f"no scan folder of patient {patient_id}"
         raise PredictError(f"{folder}: patient {patient_id} is not usable: {why}")
     if not usable:
         detail = "; ".join(problems) if problems else "no scan folder <patient>-<ttt>/"
         raise PredictError(f"{folder}: no usable patient: {detail}")
-    if len(usable) > 1:
+    if patient_id is None and len(usable) > 1:
         raise PredictError(f"{folder} holds {len(usable)} patients ({', '.join(sorted(usable))}): choose one with "
                            f"--patient")
-    for p in index.problems:
+    record = usable[patient_id] if patient_id is not None else next(iter(usable.values()))
+    for p in problems:
         log.warning("%s: %s", folder, p)
-    return next(iter(usable.values())), index.site_name
+    return record, index.site_name, problems
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -482,7 +485,7 @@ def predict_patient(
         except ValueError as exc:
             raise PredictError(f"--risk-reference: {exc}") from None
 
-    record, site_name = select_patient(patient_dir, patient_id)
+    record, site_name, problems = select_patient(patient_dir, patient_id)
     pid = record.patient_id
     out = Path(out_dir)
     earlier = [out / f"{pid}{suffix}" for suffix in (JSON_SUFFIX, PROB_SUFFIX, MASK_SUFFIX, PNG_SUFFIX)
@@ -526,6 +529,7 @@ def predict_patient(
         "timepoints": list(cached.timepoints),
         "days": [float(d) for d in cached.days],
         "excluded_scans": cached.meta.get("excluded_scans", {}),
+        "validation_problems": problems,
         "model_file": str(model_path),
         "model_sha256": file_sha256(model_path),
         "model_server_round": payload.get("server_round"),

@@ -310,8 +310,19 @@ def _copy_patient(cohort: Path, pid: str, dest: Path) -> Path:
 def test_bad_patient_folder_gives_a_clear_error(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pid = _event_patient(cohort)
     folder = _copy_patient(cohort, pid, tmp_path / "patient")
-    record, _ = select_patient(folder)
-    assert record.patient_id == pid and record.event is None
+    record, _, problems = select_patient(folder)
+    assert record.patient_id == pid and record.event is None and problems == []
+    # a damaged follow-up scan is dropped and named (also when the patient is chosen with --patient)
+    scans = sorted(d for d in folder.iterdir() if d.is_dir())
+    assert len(scans) >= 2
+    t2w = next(scans[-1].glob("*-t2w.nii.gz"))
+    intact = t2w.read_bytes()
+    t2w.write_bytes(b"not an image")
+    for chosen in (None, pid):
+        dropped, _, problems = select_patient(folder, chosen)
+        assert len(dropped.scans) == len(record.scans) - 1
+        assert any(t2w.name in p for p in problems), problems
+    t2w.write_bytes(intact)
     flair = next((folder / f"{pid}-000").glob("*-t2f.nii.gz"))
     flair.write_bytes(flair.read_bytes()[:200])  # truncated pre-op FLAIR
     with pytest.raises(PredictError, match=rf"{pid}-000-t2f\.nii\.gz"):
