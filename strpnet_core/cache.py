@@ -229,3 +229,15 @@ def cache_file_problem(path: str | os.PathLike[str]) -> str | None:
 def list_cache(cache_dir: str | os.PathLike[str]) -> list[Path]:
     """The cache files of a folder, sorted by name (deterministic order); temp files are ignored."""
     return sorted(p for p in Path(cache_dir).glob(f"*{CACHE_SUFFIX}") if not p.name.startswith("."))
+
+
+def cache_preset(cache_dir: str | os.PathLike[str]) -> str | None:
+    """The resolution preset recorded in the first usable cache file of ``cache_dir`` (its ``meta["preset"]``), or
+    None (no usable file, or none recorded). Unusable files (:func:`cache_file_problem`, e.g. copied in half) are
+    skipped, as the datasets leave them out: one bad file does not hide the folder's preset."""
+    for f in list_cache(cache_dir):
+        if cache_file_problem(f) is None:
+            meta = load_cache_header(f).meta
+            preset = meta.get("preset") if isinstance(meta, dict) else None
+            return str(preset) if preset else None
+    return None

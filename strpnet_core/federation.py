@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import list_cache
+from .cache import cache_preset, list_cache
 from .fsutil import atomic_write_json, exclusive_lock
 
 if TYPE_CHECKING:  # pragma: no cover - import cycles / heavy imports only for typing
@@ -540,7 +540,7 @@ def _build_cache(
                 "patients_ok": len(report.ok), "patients_total": len(report.results),
                 "settings_hash": str(getattr(report, "settings_hash", ""))}
     elif list_cache(cache):
-        cached_preset = _cache_preset(cache)
+        cached_preset = cache_preset(cache)
         info = {"site_name": site_name, "preset": cached_preset or preset, "source": "existing cache",
                 "built": time.time()}
     else:
@@ -548,20 +548,6 @@ def _build_cache(
         raise FileNotFoundError(f"site {site_name}: {where}{cache} holds no cache file: nothing to train on")
     atomic_write_json(cache / READY_MARKER, info)
     return info
-
-
-def _cache_preset(cache: Path) -> str | None:
-    """The preset recorded in the first usable cache file of ``cache``, or None (no usable file, or none recorded).
-    Unusable files (``cache.cache_file_problem``, e.g. copied in half) are skipped, as :func:`load_site_dataset`
-    leaves them out: one bad file does not take the site out."""
-    from .cache import cache_file_problem, load_cached_patient
-
-    for f in list_cache(cache):
-        if cache_file_problem(f) is None:
-            meta = load_cached_patient(f).meta
-            preset = meta.get("preset") if isinstance(meta, dict) else None
-            return str(preset) if preset else None
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -806,7 +792,7 @@ def check_test_cache(cfg: FederationConfig) -> int:
     path = Path(cfg.test_cache)
     if not path.is_dir():
         raise FileNotFoundError(f"test-cache {path}: not a folder (the coordinator's preprocessed test patients)")
-    preset = _cache_preset(path)
+    preset = cache_preset(path)
     if preset is not None and preset != cfg.preset:
         raise ValueError(f"test-cache {path}: preprocessed with preset {preset!r}, the run uses {cfg.preset!r}")
     return len(load_site_dataset(path))

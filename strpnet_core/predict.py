@@ -198,21 +198,19 @@ def resolve_preset(model_path: str | os.PathLike[str], payload: dict[str, Any], 
         except (OSError, ValueError, KeyError, TypeError):
             found = None
     if found is None:
-        from .cache import list_cache, load_cached_patient
+        from .cache import cache_preset
 
         for cache_dir in info.get("train_cache", []) or []:
-            files = list_cache(cache_dir) if Path(cache_dir).is_dir() else []
-            if files:
-                try:
-                    found = load_cached_patient(files[0]).meta.get("preset")
-                    where = str(files[0])
-                except ValueError:
-                    found = None
+            found = cache_preset(cache_dir) if Path(cache_dir).is_dir() else None
             if found:
+                where = str(cache_dir)
                 break
     if not found:
+        caches = info.get("train_cache") or []
         raise PredictError(f"{model_path}: cannot tell which resolution preset the model was trained with "
-                           f"(no summary.json beside it, no training cache recorded); give --preset "
+                           f"(no summary.json beside it; "
+                           + (f"its training cache {', '.join(map(str, caches))} not found or without a preset"
+                              if caches else "no training cache recorded") + "); give --preset "
                            f"{'|'.join(PRESETS)}")
     if found not in PRESETS:
         raise PredictError(f"preset {found!r} from {where} is not one of {', '.join(PRESETS)}")

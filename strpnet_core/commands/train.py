@@ -74,6 +74,7 @@ def train_command(args: argparse.Namespace) -> int:
     """Train, print one line per epoch, save the model and the history (see the module docstring)."""
     import torch
 
+    from ..cache import cache_preset
     from ..dataset import PatientDataset
     from ..model import ModelConfig, STRPNet, count_parameters
     from ..training import TrainConfig, evaluate_model, save_trained_model, seed_everything, train_epochs
@@ -83,6 +84,11 @@ def train_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--out: {out / FINAL_MODEL} exists (use --force to overwrite)")
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    caches = [Path(c).resolve() for c in [*args.cache, *(args.val_cache or [])]]
+    presets = {c: cache_preset(c) for c in caches if c.is_dir()}
+    if len(set(presets.values()) - {None}) > 1:
+        raise ValueError("the caches were preprocessed with different presets ("
+                         + ", ".join(f"{c}: {p}" for c, p in presets.items()) + "); train on one preset")
     model_cfg = ModelConfig(widths=tuple(args.model_widths), lstm_hidden=args.lstm_hidden, dropout=args.dropout)
     train_cfg = TrainConfig(
         lr=args.lr, local_epochs=args.epochs, batch_size=args.batch_size, w_dice=args.w_dice, w_bce=args.w_bce,
@@ -122,8 +128,10 @@ def train_command(args: argparse.Namespace) -> int:
 
     train_epochs(model, train_set, train_cfg, seed=args.seed, progress=progress, on_epoch=on_epoch)
     model.to(torch.device("cpu"))
-    info = {"epochs": args.epochs, "train_cache": [str(c) for c in args.cache],
-            "val_cache": [str(c) for c in args.val_cache or []], "history": [_clean(r) for r in history]}
+    # the preset (which `strpnet predict` preprocesses with) and absolute cache paths: readable from any folder
+    info = {"epochs": args.epochs, "preset": next((p for p in presets.values() if p), None),
+            "train_cache": [str(Path(c).resolve()) for c in args.cache],
+            "val_cache": [str(Path(c).resolve()) for c in args.val_cache or []], "history": [_clean(r) for r in history]}
     path = save_trained_model(out / FINAL_MODEL, model, train_cfg, info=info)
     atomic_write_json(out / MODEL_CONFIG_JSON,
                       {"model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train_cfg)})

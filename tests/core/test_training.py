@@ -267,13 +267,13 @@ def test_model_file_round_trip(tmp_path: Path) -> None:
         load_trained_model(tmp_path / "other.pt")
 
 
-def _write_site(folder: Path, n: int, seed: int) -> None:
+def _write_site(folder: Path, n: int, seed: int, preset: str = "ci") -> None:
     for a in _toy_arrays(n, seed):
         t = a["images"].shape[0]
         save_cached_patient(cache_path(folder, a["pid"]), CachedPatient(
             patient_id=a["pid"], site=folder.name, images=a["images"], days=a["days"],
             timepoints=[f"{i:03d}" for i in range(t)], brain_mask=np.ones((S, S, S), np.uint8),
-            recurrence=a["recurrence"], event=a["event"], time=a["time"]))
+            recurrence=a["recurrence"], event=a["event"], time=a["time"], meta={"preset": preset}))
 
 
 def test_train_command_pooled_with_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -294,5 +294,11 @@ def test_train_command_pooled_with_validation(tmp_path: Path, capsys: pytest.Cap
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["val_n_patients"] == 4 and np.isfinite(r["train_loss"]) for r in rows)
     assert json.loads((run / "model_config.json").read_text())["model_config"]["widths"] == [4, 8]
+    # what `strpnet predict` needs from any folder: the preset and the caches' absolute paths
+    assert payload["info"]["preset"] == "ci"
+    assert payload["info"]["train_cache"] == [str((tmp_path / "a").resolve()), str((tmp_path / "b").resolve())]
     assert cli.main(argv) == 2  # refuses to overwrite without --force
     assert "exists" in capsys.readouterr().err
+    _write_site(tmp_path / "demo", 2, seed=8, preset="demo")
+    assert cli.main([*argv[:3], str(tmp_path / "demo"), *argv[3:], "--force"]) == 2
+    assert "different presets" in capsys.readouterr().err
