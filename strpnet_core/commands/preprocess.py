@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..presets import PRESETS
@@ -36,16 +37,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Preprocess a site; print the per-patient table; exit 1 when no patient could be preprocessed."""
     from ..preprocessing.pipeline import preprocess_site
+    from ..site import NoUsablePatientError
 
+    if not Path(args.site_dir).is_dir():  # before anything is created under --out
+        print(f"{args.site_dir}: site folder missing (nothing preprocessed)", file=sys.stderr)
+        return 2
     preset, source = (args.preset, "--preset") if args.preset else site_preset(args.site_dir)
     print(f"preset {preset} ({source})")
     report = preprocess_site(
         args.site_dir, args.out, workers=args.workers, preset=preset, seed=args.seed, progress=not args.no_progress
     )
     print(report.table())
-    print(f"{len(report.ok)} of {len(report.results)} patient(s) preprocessed into {report.out_dir}"
-          f" (settings {report.settings_hash}); {len(report.validation_problems)} validation problem(s)")
-    return 0 if report.ok else 1
+    print(f"{len(report.ok)} of {len(report.results) + len(report.excluded)} patient(s) preprocessed into "
+          f"{report.out_dir} (settings {report.settings_hash}): {len(report.excluded)} excluded by validation, "
+          f"{len(report.failed)} failed; {len(report.validation_problems)} validation problem(s)")
+    if not report.ok:
+        print(NoUsablePatientError(report.site_name, report.rejected, report.report_path), file=sys.stderr)
+        return 1
+    return 0
 
 
 def site_preset(site_dir: str | Path) -> tuple[str, str]:

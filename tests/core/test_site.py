@@ -505,9 +505,14 @@ def test_preprocess_preset_follows_a_synthetic_site(tmp_path: Path, content: str
     assert site_preset(site)[0] == expected
     # The command says which preset it used and why (this site has no scans: exit 1 after the report).
     assert cli_main(["preprocess", str(site), "--out", str(tmp_path / "cache"), "--no-progress"]) == 1
-    assert f"preset {expected} (" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"preset {expected} (" in out
+    assert f"no usable patient: 0 rejected, see {tmp_path / 'cache' / 'preprocess_report.json'}" in err
     assert cli_main(["preprocess", str(site), "--out", str(tmp_path / "c2"), "--no-progress", "--preset", "brats"]) == 1
     assert "preset brats (--preset)" in capsys.readouterr().out
+    # a mistyped site folder: a clear error, and nothing is created under --out
+    assert cli_main(["preprocess", str(tmp_path / "typo"), "--out", str(tmp_path / "c3"), "--no-progress"]) == 2
+    assert "typo: site folder missing" in capsys.readouterr().err and not (tmp_path / "c3").exists()
 
 
 def test_header_check_names_corrupt_gzip_data(tmp_path: Path) -> None:
