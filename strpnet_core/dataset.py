@@ -105,7 +105,8 @@ class PatientDataset(Dataset[dict[str, Any]]):
             raise ValueError(f"PatientDataset: dtype must be a floating torch.dtype, got {dtype!r}")
         self.files = _resolve_files(paths_or_cache_dir)
         if not self.files:
-            raise ValueError(f"PatientDataset: no cache file ({CACHE_SUFFIX}) found in {paths_or_cache_dir!r}")
+            raise ValueError(f"no cache file ({CACHE_SUFFIX}) found in {paths_or_cache_dir!r}: a cache folder is what "
+                             "`strpnet preprocess SITE_DIR --out CACHE_DIR` writes (a raw site folder is not one)")
         self.max_timepoints = max_timepoints
         self.dtype = dtype
 

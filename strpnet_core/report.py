@@ -117,6 +117,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
     if not isinstance(rows, list) or not rows:
         got = "an empty list" if rows == [] else type(rows).__name__
         raise ReportError(f"{mpath}: expected a non-empty JSON list of rounds, got {got}")
+    if isinstance(rows[0], dict) and "epoch" in rows[0] and "round" not in rows[0]:
+        raise ReportError(f"{rd}: a `strpnet train` run (per-epoch rows in {METRICS_JSON}); the report is made for "
+                          "federated runs (strpnet simulate, flower-server)")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or isinstance(row.get("round"), bool) or not isinstance(row.get("round"), int):
             raise ReportError(f"{mpath}: row {i} is not a round record (a JSON object with an integer 'round')")

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=None,
                    help=f"number of sites (default {DEFAULT_SITES} when generating; all of --data otherwise)")
     p.add_argument("--patients", default=DEFAULT_PATIENTS,
-                   help=f"patients per generated site (default {DEFAULT_PATIENTS}; see strpnet synth)")
+                   help=f"patients per generated site: one count per site (default {DEFAULT_PATIENTS}), or one "
+                   "number M that the sites share as M x multipliers on [0.6, 1.4] (see strpnet synth)")
     p.add_argument("--test-patients", type=int, default=DEFAULT_TEST_PATIENTS,
                    help="held-out patients of the coordinator generated with the cohort (no site has them): the "
                    "global model is evaluated on them after every round (default "

@@ -163,6 +163,9 @@ def test_missing_or_corrupt_run_dir_gives_a_clear_error(tmp_path: Path, capsys: 
     (tmp_path / "metrics.json").write_text("[]")
     with pytest.raises(ReportError, match="empty list"):
         load_run(tmp_path)
+    (tmp_path / "metrics.json").write_text('[{"epoch": 1, "train_loss": 1.2}]')  # what `strpnet train` writes
+    with pytest.raises(ReportError, match="a `strpnet train` run"):
+        load_run(tmp_path)
     (tmp_path / "metrics.json").write_text('[{"round": 1, "c_index": "high"}]')
     with pytest.raises(ReportError, match="round 1: c_index = 'high' is not a number"):
         load_run(tmp_path)
