@@ -45,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if res.test is not None:
         t = res.test
-        p = "n/a" if t.logrank_p is None else f"{t.logrank_p:.3g}"
-        print(f"test set: {t.n_patients} patients ({t.n_events} events), C-index {t.c_index:.3f}, Dice {t.dice:.3f}, "
-              f"log-rank p {p}")
+        def f(v: float | None, spec: str = ".3f") -> str:
+            return "n/a" if v is None or v != v else format(v, spec)
+
+        print(f"test set: {t.n_patients} patients ({t.n_events} events), C-index {f(t.c_index)}, Dice {f(t.dice)}, "
+              f"log-rank p {f(t.logrank_p, '.3g')}")
     print(f"report: {res.html} ({len(res.images)} images)")
     return 0
