@@ -840,7 +840,8 @@ def pool_eval_counts(replies: Sequence[Mapping[str, float | int]],
     """
     check_reply_keys(replies, EVAL_COUNT_KEYS, what="evaluate", names=names)
     summed = EVAL_COUNT_KEYS + (RISK_HIST_KEYS if replies and all(k in replies[0] for k in RISK_HIST_KEYS) else ())
-    pooled: dict[str, float] = {k: float(sum(float(r[k]) for r in replies)) for k in summed}
+    # math.fsum: exactly rounded, so the pooled numbers do not depend on the order the replies arrived in
+    pooled: dict[str, float] = {k: math.fsum(float(r[k]) for r in replies) for k in summed}
     if replies and EVAL_SECONDS_KEY in replies[0]:  # the key sets were checked equal
         pooled[f"{EVAL_SECONDS_KEY}-max"] = max(float(r[EVAL_SECONDS_KEY]) for r in replies)
     pooled.update(derived_eval_metrics(pooled))
@@ -872,16 +873,16 @@ def pool_train_metrics(replies: Sequence[Mapping[str, float | int]],
     """
     check_reply_keys(replies, (NUM_EXAMPLES_KEY, f"{TRAIN_METRIC_PREFIX}loss"), what="train", names=names)
     weights = [float(r[NUM_EXAMPLES_KEY]) * (1.0 - float(r.get(TRAIN_SUPPRESSED_KEY, 0.0))) for r in replies]
-    total = sum(weights)
-    out: dict[str, float] = {NUM_EXAMPLES_KEY: float(sum(float(r[NUM_EXAMPLES_KEY]) for r in replies)),
+    total = math.fsum(weights)  # fsum here and below: the same bits whatever the order of the replies
+    out: dict[str, float] = {NUM_EXAMPLES_KEY: math.fsum(float(r[NUM_EXAMPLES_KEY]) for r in replies),
                              "sites": float(len(replies))}
     for key in sorted(replies[0]) if replies else []:
         if key == NUM_EXAMPLES_KEY:
             continue
         if key == TRAIN_SUPPRESSED_KEY:
-            out[key] = float(sum(float(r[key]) for r in replies))
+            out[key] = math.fsum(float(r[key]) for r in replies)
         elif total > 0:
-            out[key] = float(sum(float(r[key]) * w for r, w in zip(replies, weights, strict=True)) / total)
+            out[key] = math.fsum(float(r[key]) * w for r, w in zip(replies, weights, strict=True)) / total
         else:
             out[key] = math.nan
     return out

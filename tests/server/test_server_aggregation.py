@@ -104,6 +104,22 @@ def test_slowest_evaluation_time_is_kept() -> None:
     assert "eval-seconds-max" not in pool_eval_counts(replies)
 
 
+def test_pooled_numbers_do_not_depend_on_the_reply_order() -> None:
+    """Float sums in arrival order differ in the last bits between runs (0.1 + 0.2 + 0.3 != 0.3 + 0.2 + 0.1); the
+    pooled evaluation counts and training means are exactly rounded sums, the same whatever the order."""
+    from strpnet_core.federation import pool_train_metrics
+
+    evals = [{"concordant": 3.0, "discordant": 1.0, "tied_risk": 0.0, "comparable": 4.0, "dice_intersection": 2.0,
+              "dice_denominator": 9.0, "loss_sum": x, "n_patients": 3.0, "n_events": 2.0, "n_labelled": 3.0}
+             for x in (0.1, 0.2, 0.3, 1e16, -1e16)]
+    assert set(evals[0]) == set(EVAL_COUNT_KEYS)
+    trains = [{"num-examples": float(n), "train-loss": x} for n, x in ((3, 0.1), (1, 0.2), (7, 1e-17), (2, 0.7))]
+    assert 0.1 + 0.2 + 0.3 != 0.3 + 0.2 + 0.1  # what the order changes with a plain sum
+    for pool, replies in ((pool_eval_counts, evals), (pool_train_metrics, trains)):
+        results = {repr(sorted(pool(list(p)).items())) for p in itertools.permutations(replies)}
+        assert len(results) == 1, pool.__name__
+
+
 def test_no_comparable_pair_gives_nan_not_an_error() -> None:
     reply = {k: 0 for k in EVAL_COUNT_KEYS}
     reply["num-examples"] = 0
