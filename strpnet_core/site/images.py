@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import math
 import os
 import re
 import stat
@@ -127,12 +128,18 @@ _FLOAT_CODES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
 
 
 def _nifti_layout(head: bytes) -> _Layout | None:
-    """Voxel offset, byte count and float dtype of a NIfTI-1/2 file from its first bytes, or None."""
+    """Voxel offset, byte count and float dtype of a NIfTI-1/2 file from its first bytes, or None.
+
+    Raises ValueError when the NIfTI-1 ``vox_offset`` (a float) is not a finite non-negative number.
+    """
     for endian in ("<", ">"):
         if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", head[40:56])
             code, bitpix = struct.unpack(endian + "2h", head[70:74])
-            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+            if not math.isfinite(vox_offset) or vox_offset < 0:
+                raise ValueError(f"header vox_offset = {vox_offset} is not a finite non-negative number")
+            offset = int(vox_offset)
             break
         if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
             code, bitpix = struct.unpack(endian + "2h", head[12:16])
@@ -238,7 +245,10 @@ def _check_bytes(path: Path, size_on_disk: int, *, full: bool) -> None:
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
             head = fh.read(540)
-            layout = _nifti_layout(head)
+            try:
+                layout = _nifti_layout(head)
+            except ValueError as exc:
+                raise ImageDefect(path, str(exc)) from None
             if not full:
                 total = size_on_disk
             else:

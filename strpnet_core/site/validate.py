@@ -183,7 +183,20 @@ def _modality_files(folder: Path, names: set[str], modality: str) -> list[Path]:
 
 
 def _read_info(path: Path, *, check_voxels: bool, mask: str | None = None) -> ImageInfo:
-    """Check one image (header only without ``check_voxels``); ``mask`` = ``"binary"`` or ``"labels"``."""
+    """Check one image (header only without ``check_voxels``); ``mask`` = ``"binary"`` or ``"labels"``.
+
+    Any error, an unforeseen one included, is an :class:`ImageDefect` naming the file: one bad file never stops the
+    validation of the site.
+    """
+    try:
+        return _read_info_unguarded(path, check_voxels=check_voxels, mask=mask)
+    except ImageDefect:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a header value that a reader turns into an exception
+        raise ImageDefect(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_info_unguarded(path: Path, *, check_voxels: bool, mask: str | None) -> ImageInfo:
     if not check_voxels:
         return read_image_info_checked(path)
     image = read_image_checked(path, allow_constant=mask is not None)

@@ -515,6 +515,27 @@ def test_preprocess_preset_follows_a_synthetic_site(tmp_path: Path, content: str
     assert "typo: site folder missing" in capsys.readouterr().err and not (tmp_path / "c3").exists()
 
 
+@pytest.mark.parametrize("gz, check_voxels", [(False, False), (True, True)])
+def test_a_non_finite_voxel_offset_is_named_and_the_site_goes_on(site: Path, gz: bool, check_voxels: bool) -> None:
+    """A NaN vox_offset in one header made the byte-count check (an uncompressed file's length, or every file's
+    voxels) raise an uncaught ValueError: the whole site's validation stopped. Now the file is named and only its
+    patient (pre-op scan) is excluded."""
+    import gzip
+    import struct
+
+    pid = sorted(OUTCOMES)[0]
+    path = f(site, pid, "000", "t2w")
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[108:112] = struct.pack("<f", float("nan"))
+    path.unlink()
+    path = path if gz else path.with_suffix("")  # .nii
+    path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
+    index = validate_site(site, check_voxels=check_voxels)
+    p = one(index, "vox_offset")
+    assert p.path.endswith(path.name) and p.patient_id == pid
+    assert pid not in usable(index) and usable(index) == set(OUTCOMES) - {pid}
+
+
 def test_header_check_names_corrupt_gzip_data(tmp_path: Path) -> None:
     """A .nii.gz whose header decompresses but whose later data do not: ITK only says it finds no reader; the
     header-only check names the gzip defect instead of an "unreadable header"."""
