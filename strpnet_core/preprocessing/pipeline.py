@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
-from ..cache import CachedPatient, cache_path, save_cached_patient
+from ..cache import CACHE_SUFFIX, CachedPatient, cache_path, list_cache, save_cached_patient
 from ..console import die_with_parent
 from ..contract import FLAIR_MODALITY, MODALITIES, OUTCOMES_CSV, REFERENCE_MODALITY
 from ..fsutil import atomic_write_json, remove_stale_parts
@@ -195,6 +195,8 @@ class PreprocessReport:
         Site-level validation errors (no patient concerned: folder empty, CSV unusable, ...).
     dropped:
         Usable patients -> the validation errors that dropped one of their scans (or a segmentation or mask).
+    removed:
+        Patients no longer in the site folder whose cache and QC files this run removed.
     """
 
     site_name: str
@@ -205,6 +207,7 @@ class PreprocessReport:
     excluded: dict[str, list[str]] = field(default_factory=dict)
     site_problems: list[str] = field(default_factory=list)
     dropped: dict[str, list[str]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> list[PatientResult]:
@@ -236,6 +239,8 @@ class PreprocessReport:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             first = problems[0] if problems else "excluded by validation"
             rows.append(f"{pid:<24} {'excluded':<8} {0:>2} {0.0:>7.1f}  {first}{more}")
+        rows.extend(f"{pid:<24} {'removed':<8} {0:>2} {0.0:>7.1f}  no longer in the site folder: cache and QC "
+                    "files removed" for pid in self.removed)
         rows.extend(f"site: {p}" for p in self.site_problems)
         return "\n".join(rows)
 
@@ -770,21 +775,35 @@ def preprocess_site(
             _run_pool([job], 1, threads, results, bar, last_try=True)
     bar.close()
     ordered = [results[rec.patient_id] for rec in index.patients]
-    # A patient rejected now (excluded by validation, or failed) must not be trained on an earlier run's file.
+    # A patient rejected now (excluded by validation, or failed) must not be trained on an earlier run's file (nor
+    # shown by its QC figure).
     for pid in [*index.excluded, *(r.patient_id for r in ordered if r.status == "failed")]:
+        (out / f"{pid}.qc.png").unlink(missing_ok=True)
         if cache_path(out, pid).exists():
             cache_path(out, pid).unlink()
             log.warning("removed %s: the patient is now rejected", cache_path(out, pid))
+    # Nor a patient whose folders are gone from the site (consent withdrawn, renamed): its files go too, unless
+    # validation found no patient at all (an empty or unmounted site folder must not empty the cache).
+    known = {rec.patient_id for rec in index.patients} | set(index.excluded)
+    removed = []
+    for f in list_cache(out) if known else []:
+        pid = f.name[: -len(CACHE_SUFFIX)]
+        if pid not in known:
+            for path in (f, qc_path(out, pid), out / f"{pid}.qc.png"):
+                path.unlink(missing_ok=True)
+            removed.append(pid)
+            log.warning("removed %s and its QC files: patient %s is no longer in %s", f, pid, site_dir)
     excluded = {pid: [str(p) for p in probs] for pid, probs in index.excluded.items()}
     site_problems = [str(p) for p in index.problems if p.patient_id is None and p.level == ERROR]
     dropped = {rec.patient_id: [str(p) for p in index.patient_problems(rec.patient_id) if p.level == ERROR]
                for rec in index.patients}
     report = PreprocessReport(index.site_name, str(out), shash, ordered, problems, excluded, site_problems,
-                              {pid: v for pid, v in dropped.items() if v})
+                              {pid: v for pid, v in dropped.items() if v}, removed)
     atomic_write_json(report.report_path, {
         "site_name": report.site_name, "site_dir": str(site_dir), "settings_hash": shash, "preset": settings.preset,
         "seed": seed, "results": [dataclasses.asdict(r) for r in ordered], "excluded": excluded,
-        "dropped": report.dropped, "site_problems": site_problems, "validation_problems": problems,
+        "dropped": report.dropped, "removed": removed, "site_problems": site_problems,
+        "validation_problems": problems,
         "summary": {"ok": len(report.ok), "failed": len(report.failed), "excluded": len(excluded)},
     })
     return report

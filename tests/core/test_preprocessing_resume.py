@@ -67,6 +67,33 @@ def test_a_failed_patient_leaves_no_cache_file_of_an_earlier_run(tmp_path: Path)
     assert json.loads(qc_path(out, "P").read_text())["status"] == "failed"
 
 
+def test_a_patient_gone_from_the_site_leaves_no_cache_file(tmp_path: Path) -> None:
+    """A patient whose folders were removed from the site (consent withdrawn) or renamed kept its cache file, which
+    the federation trained on; now its files are removed and reported. An empty site folder removes nothing."""
+    from strpnet_core.cache import list_cache
+    from strpnet_core.preprocessing.pipeline import preprocess_site
+    from strpnet_core.site import validate_site
+    from strpnet_core.synth import generate_cohort
+
+    generate_cohort(tmp_path / "cohort", sites=1, patients=[2], preset="ci", seed=3, png=False, progress=False)
+    site, out, shash = tmp_path / "cohort" / "site-01", tmp_path / "cache", PipelineSettings.from_preset("ci").hash(0)
+    out.mkdir()
+    index = validate_site(site, check_voxels=False)
+    for rec in index.patients:  # finished by an earlier run (no registration runs here)
+        cache_path(out, rec.patient_id).write_bytes(b"npz")
+        qc_path(out, rec.patient_id).write_text(json.dumps({"status": "ok", "settings_hash": shash,
+                                                            "input_hash": input_hash(rec)}))
+    for name in ("GONE.npz", "GONE.qc.json", "GONE.qc.png"):
+        (out / name).write_bytes(b"x")
+    report = preprocess_site(site, out, preset="ci", workers=1, progress=False)
+    assert report.removed == ["GONE"] and [r.status for r in report.results] == ["skipped", "skipped"]
+    assert sorted(p.name for p in out.glob("GONE*")) == [] and len(list_cache(out)) == 2
+    assert "GONE" in report.table() and json.loads(report.report_path.read_text())["removed"] == ["GONE"]
+    (tmp_path / "empty").mkdir()
+    assert preprocess_site(tmp_path / "empty", out, preset="ci", workers=1, progress=False).removed == []
+    assert len(list_cache(out)) == 2
+
+
 def test_a_defective_recurrence_mask_is_dropped_with_its_reason(tmp_path: Path) -> None:
     rec = _record(tmp_path / "site")
     arr = np.zeros((4, 4, 4), np.float32)
