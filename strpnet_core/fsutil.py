@@ -29,16 +29,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The temporary file keeps the final suffix (``.nii.gz``, ``.npz``, ...) so that writers that
     infer the format from the name work, and is named ``.<name>.<host>-<pid>.<random>.part<suffix>`` (hidden;
-    :func:`remove_stale_parts` removes the ones left by a killed process). On any exception the temporary
+    :func:`remove_stale_parts` removes the ones left by a killed process; ``<name>`` is cut to its first 64
+    characters, so that a final name near the file system's 255-byte limit still gets a temporary file). On any exception the temporary
     file is removed and ``path`` is left untouched: a reader sees either the old file or the complete new
     one, also when the writing process is killed (SIGKILL) at any point. The data is fsynced before the
     rename and the folder after it.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{_host_tag()}-{os.getpid()}.", suffix=f".part{suffix}",
-                                    dir=final.parent)
+    suffix = "".join(final.suffixes[-2:])  # .nii.gz, .qc.json, .npz (not the dots of a patient id)
+    suffix = (suffix if len(suffix) <= 16 else final.suffix) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name[:64]}.{_host_tag()}-{os.getpid()}.",
+                                    suffix=f".part{suffix}", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

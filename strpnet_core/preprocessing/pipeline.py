@@ -467,10 +467,14 @@ def preprocess_patient(
         qc["error"] = {"step": exc.step, "timepoint": exc.timepoint, "modality": exc.modality, "path": exc.path,
                        "message": str(exc)}
         qc["seconds_total"] = time.perf_counter() - t_start
-        atomic_write_json(qc_path(out_dir, pid), qc)
-        cache_path(out_dir, pid).unlink(missing_ok=True)  # an earlier run's file must not stand in for this failure
-        log.warning("%s", exc)
-        return PatientResult(pid, "failed", qc["seconds_total"], error=str(exc))
+        error = str(exc)
+        try:
+            cache_path(out_dir, pid).unlink(missing_ok=True)  # an earlier run's file must not stand for this failure
+            atomic_write_json(qc_path(out_dir, pid), qc)
+        except OSError as write_exc:  # e.g. a full disk: still this patient's failure only, never the site's
+            error += f" (and its QC record could not be written: {write_exc})"
+        log.warning("%s", error)
+        return PatientResult(pid, "failed", qc["seconds_total"], error=error)
     result.seconds = time.perf_counter() - t_start
     return result
 

@@ -32,6 +32,22 @@ def test_failure_leaves_old_file_and_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.bin"]
 
 
+def test_a_long_final_name_still_gets_a_temporary_file(tmp_path):
+    """The temporary name was the final name plus ~45 characters: a 230-character patient id (a legal file name)
+    failed with ENAMETOOLONG. It keeps the final suffixes and is still found as a stale part."""
+    from strpnet_core.fsutil import _PART_RE
+
+    target = tmp_path / ("P" * 230 + ".qc.json")
+    seen = []
+    with atomic_path(target) as tmp:
+        seen.append(tmp.name)
+        tmp.write_text("{}")
+    assert target.read_text() == "{}" and seen[0].endswith(".part.qc.json") and _PART_RE.match(seen[0])
+    with atomic_path(tmp_path / "SYN01-0001.b.c.nii.gz") as tmp:  # the dots of an id are not a suffix
+        assert tmp.name.endswith(".part.nii.gz")
+        tmp.write_bytes(b"x")
+
+
 def test_permissions_follow_umask(tmp_path):
     old = os.umask(0o022)
     try:
