@@ -281,7 +281,7 @@ def is_done(out_dir: str | os.PathLike[str], record: Any, settings_hash: str) ->
         qc = json.loads(qp.read_text())
     except (OSError, ValueError):
         return False
-    return (qc.get("status") == "ok" and qc.get("settings_hash") == settings_hash
+    return (isinstance(qc, dict) and qc.get("status") == "ok" and qc.get("settings_hash") == settings_hash
             and qc.get("input_hash") == input_hash(record))
 
 
@@ -588,6 +588,9 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
               "excluded_scans": excluded, "brain_method": pre.qc["brain_method"]},
     )
     cp = cache_path(out_dir, pid)
+    # The QC record says "done" (is_done): an earlier run's record must not stand for this cache file if the run is
+    # killed between the two writes, so it goes first and the new one is written last.
+    qc_path(out_dir, pid).unlink(missing_ok=True)
     save_cached_patient(cp, patient)
     write_qc_png(out_dir / f"{pid}.qc.png", images, grid_mask, timepoints, f"{site_name} / {pid}")
     qc.update(status="ok", timepoints=timepoints, excluded_scans=excluded)

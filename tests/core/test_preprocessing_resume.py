@@ -53,6 +53,9 @@ def test_a_changed_outcome_or_scan_makes_a_finished_patient_due_again(tmp_path: 
     f = rec.scans[1].images["t1c"]
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # a scan file replaced
     assert not is_done(out, rec, shash)
+    for text in ("[]", "null", "{"):  # a QC record that is not an object: due again, not a crash of the site
+        qc_path(out, "P").write_text(text)
+        assert not is_done(out, rec, shash)
 
 
 def test_a_failed_patient_leaves_no_cache_file_of_an_earlier_run(tmp_path: Path) -> None:
