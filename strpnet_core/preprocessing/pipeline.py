@@ -292,7 +292,11 @@ def _read(path: Path, patient_id: str, timepoint: str, modality: str) -> sitk.Im
         img = read_image_checked(path)
     except Exception as exc:  # ImageDefect, RuntimeError
         raise PreprocessError(patient_id, "read", str(exc), timepoint=timepoint, modality=modality, path=path) from exc
-    return sitk.Cast(img, sitk.sitkFloat32)
+    out = sitk.Cast(img, sitk.sitkFloat32)
+    if img.GetPixelID() == sitk.sitkFloat64 and not np.isfinite(sitk.GetArrayViewFromImage(out)).all():
+        raise PreprocessError(patient_id, "read", "float64 voxel values beyond the float32 range "
+                              "(|value| > 3.4e38)", timepoint=timepoint, modality=modality, path=path)
+    return out
 
 
 @dataclass
@@ -508,7 +512,9 @@ def _run_patient(record: Any, site_name: str, out_dir: Path, settings: PipelineS
     for scan in scans[1:]:
         try:
             work = _prepare_scan(pid, scan, settings, seed)
-        except PreprocessError as exc:
+        except Exception as exc:  # noqa: BLE001 - a follow-up's failure excludes that scan, never the patient
+            if not isinstance(exc, PreprocessError):
+                exc = PreprocessError(pid, "unexpected", f"{type(exc).__name__}: {exc}", timepoint=scan.timepoint)
             qc["scans"].append({"timepoint": scan.timepoint, "day": float(scan.day), "included": False,
                                 "reason": str(exc), "flags": [f"step {exc.step} failed"], "seconds": {}, "metrics": {}})
             continue

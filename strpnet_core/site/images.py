@@ -211,14 +211,22 @@ def _read_head(path: Path) -> bytes:
         raise ImageDefect(path, f"corrupt gzip data: {exc}") from None
 
 
+#: Largest voxel size (mm) along any axis: MRI slices are a few mm thick; a spacing of metres is a broken header, and
+#: resampling it to 1 mm would allocate without bound.
+MAX_SPACING_MM = 20.0
+
+
 def _check_geometry(path: Path, spacing: tuple[float, ...], origin: tuple[float, ...],
                     direction: tuple[float, ...]) -> None:
-    """Spacing finite and > 0, origin finite, direction finite and non-singular (as ITK reports them; the spatial
-    axes only, at most 3)."""
+    """Spacing finite, > 0 and <= :data:`MAX_SPACING_MM`, origin finite, direction finite and non-singular (as ITK
+    reports them; the spatial axes only, at most 3)."""
     n = len(spacing)
     k = min(3, n)
     if not all(np.isfinite(spacing[:k])) or min(spacing[:k]) <= 0:
         raise ImageDefect(path, f"invalid voxel spacing {tuple(float(s) for s in spacing[:k])}")
+    if max(spacing[:k]) > MAX_SPACING_MM:
+        raise ImageDefect(path, f"voxel spacing {tuple(float(s) for s in spacing[:k])} mm: larger than "
+                          f"{MAX_SPACING_MM:g} mm along an axis (a broken header?)")
     if not all(np.isfinite(origin[:k])):
         raise ImageDefect(path, "origin is not finite")
     d = np.asarray(direction, dtype=float).reshape(n, n)[:k, :k] if len(direction) == n * n else None

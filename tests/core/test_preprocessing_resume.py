@@ -97,6 +97,22 @@ def test_a_patient_gone_from_the_site_leaves_no_cache_file(tmp_path: Path) -> No
     assert len(list_cache(out)) == 2
 
 
+def test_float64_voxels_beyond_float32_are_named_at_read(tmp_path: Path) -> None:
+    """A float64 voxel of 1e39 passed the voxel check and became inf in the float32 pipeline, surfacing later as a
+    confusing "non-finite values inside the brain mask"."""
+    import pytest
+
+    from strpnet_core.preprocessing.pipeline import PreprocessError, _read
+
+    arr = np.random.default_rng(0).normal(size=(8, 8, 8))
+    ok = _nifti(tmp_path / "ok.nii.gz", arr)
+    assert _read(ok, "P", "000", "t1c").GetPixelID() == sitk.sitkFloat32
+    arr[0, 0, 0] = 1e39
+    big = _nifti(tmp_path / "big.nii.gz", arr)
+    with pytest.raises(PreprocessError, match=r"big\.nii\.gz.*step read: float64 voxel values beyond the float32"):
+        _read(big, "P", "000", "t1c")
+
+
 def test_a_defective_recurrence_mask_is_dropped_with_its_reason(tmp_path: Path) -> None:
     rec = _record(tmp_path / "site")
     arr = np.zeros((4, 4, 4), np.float32)

@@ -536,6 +536,23 @@ def test_a_non_finite_voxel_offset_is_named_and_the_site_goes_on(site: Path, gz:
     assert pid not in usable(index) and usable(index) == set(OUTCOMES) - {pid}
 
 
+def test_a_voxel_of_metres_is_a_defect(tmp_path: Path) -> None:
+    """Spacing (1, 1, 1e7) mm passed validation, and the isotropic copy of registration then tried to allocate
+    16 x 16 x 160 million voxels."""
+    from strpnet_core.site import ImageDefect, read_image_info_checked
+
+    img = sitk.GetImageFromArray(np.ones((16, 16, 16), np.float32))
+    for spacing, ok in (((1.0, 1.0, 6.0), True), ((1.0, 1.0, 1e7), False)):
+        img.SetSpacing(spacing)
+        path = tmp_path / f"s{spacing[2]:g}.nii.gz"
+        sitk.WriteImage(img, str(path))
+        if ok:
+            read_image_info_checked(path)
+        else:
+            with pytest.raises(ImageDefect, match=r"larger than 20 mm along an axis"):
+                read_image_info_checked(path)
+
+
 def test_header_check_names_corrupt_gzip_data(tmp_path: Path) -> None:
     """A .nii.gz whose header decompresses but whose later data do not: ITK only says it finds no reader; the
     header-only check names the gzip defect instead of an "unreadable header"."""
