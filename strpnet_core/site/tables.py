@@ -108,12 +108,24 @@ def _bad_line(where: str, row: dict[str, str]) -> Problem | None:
     return Problem(where, f"{row['']} (row ignored)", None) if "" in row else None
 
 
+#: A decimal number as a CSV cell spells it (``12``, ``-0.5``, ``1e3``; also ``nan``/``inf``, refused later as not
+#: finite). Python's ``float`` accepts more: ``1_0`` is 10 and would silently be read as a day 10.
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?i:nan|inf|infinity)")
+
+
+def _number(text: str) -> float:
+    """``float(text)`` for a plain decimal number only (ValueError otherwise)."""
+    if _NUMBER.fullmatch(text.strip()) is None:
+        raise ValueError(text)
+    return float(text)
+
+
 def parse_nonnegative(text: str, column: str) -> float | str:
     """Parse a finite number >= 0; return it, or the one-line reason it is not one."""
     if text == "":
         return f"{column} missing"
     try:
-        value = float(text)
+        value = _number(text)
     except ValueError:
         return f"{column} is not a number: {text!r}"
     if not math.isfinite(value):
@@ -128,7 +140,7 @@ def parse_event(text: str) -> int | str:
     if text == "":
         return "event missing"
     try:
-        value = float(text)
+        value = _number(text)
     except ValueError:
         return f"event must be 0 or 1, got {text!r}"
     if value not in (0.0, 1.0):

@@ -368,6 +368,7 @@ def test_event_not_binary(site: Path) -> None:
 
 @pytest.mark.parametrize(("value", "reason"), [("-3", "time_days is negative: '-3'"),
                                               ("abc", "time_days is not a number: 'abc'"),
+                                              ("1_00", "time_days is not a number: '1_00'"),  # float() reads 100
                                               ("", "time_days missing")])
 def test_bad_time(site: Path, value: str, reason: str) -> None:
     set_csv(site / "outcomes.csv", "P03,1,100", f"P03,1,{value}")
