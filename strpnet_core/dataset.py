@@ -6,6 +6,7 @@ Files are read lazily, one patient per ``__getitem__``: memory holds only the pa
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import CACHE_SUFFIX, CachedPatient, list_cache, load_cached_patient
+from .cache import CACHE_SUFFIX, CachedPatient, cache_file_problem, list_cache, load_cached_patient
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PatientDataset", "collate_patients", "select_timepoints", "BATCH_KEYS"]
 
@@ -57,8 +60,13 @@ def _resolve_files(paths_or_cache_dir: PathLike | Sequence[PathLike]) -> list[Pa
         if not isinstance(item, (str, os.PathLike)):
             raise ValueError(f"PatientDataset: paths_or_cache_dir entries must be paths, got {type(item).__name__}")
         p = Path(item)
-        if p.is_dir():
-            files.extend(list_cache(p))
+        if p.is_dir():  # a folder's unusable files (e.g. copied in half) are left out with a warning naming them
+            for f in list_cache(p):
+                problem = cache_file_problem(f)
+                if problem is None:
+                    files.append(f)
+                else:
+                    log.warning("%s: %s; patient left out", f, problem)
         elif p.is_file() and p.name.endswith(CACHE_SUFFIX):
             files.append(p)
         else:
@@ -78,7 +86,8 @@ class PatientDataset(Dataset[dict[str, Any]]):
     ----------
     paths_or_cache_dir:
         A cache folder, a cache file, or a sequence of them (several sites pooled); folders are listed with
-        :func:`strpnet_core.cache.list_cache` (sorted: deterministic order).
+        :func:`strpnet_core.cache.list_cache` (sorted: deterministic order), their unusable files
+        (:func:`strpnet_core.cache.cache_file_problem`) left out with a warning.
     max_timepoints:
         Keep at most this many timepoints per patient (see :func:`select_timepoints`); None keeps all.
     dtype:

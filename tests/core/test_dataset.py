@@ -171,3 +171,11 @@ def test_a_bad_cache_file_is_named_with_its_reason(tmp_path: Path, caches: tuple
     assert "lacks patient_id" in (cache_file_problem(tmp_path / "bad" / "nokey.npz") or "")
     with pytest.raises(ValueError, match="not an object"):
         load_cache_header(tmp_path / "bad" / "list.npz")
+    # in a folder, a file copied in half is left out with a warning (strpnet train stopped mid-epoch on it)
+    half = a / "A-000-half.npz"
+    half.write_bytes(good.read_bytes()[:500])
+    try:
+        ds = PatientDataset(a)
+        assert half not in ds.files and len(ds) == len(list(a.glob("*.npz"))) - 1
+    finally:
+        half.unlink()
