@@ -9,7 +9,6 @@ SuperLink it started (by PID). See docs/deployment.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys

@@ -8,6 +8,7 @@ File ``CACHE_DIR/<patient_id>.npz`` holds the arrays below plus a JSON ``meta`` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 
 from .contract import MODALITIES
 from .fsutil import atomic_path, json_default
+
+log = logging.getLogger(__name__)
 
 CACHE_SUFFIX = ".npz"
 CACHE_FORMAT_VERSION = 1
@@ -241,3 +244,16 @@ def cache_preset(cache_dir: str | os.PathLike[str]) -> str | None:
             preset = meta.get("preset") if isinstance(meta, dict) else None
             return str(preset) if preset else None
     return None
+
+
+def usable_cache_files(cache_dir: str | os.PathLike[str]) -> list[Path]:
+    """The cache files of a folder (:func:`list_cache` order) that :func:`cache_file_problem` accepts; each one
+    left out (e.g. copied in half) is named in a warning."""
+    good = []
+    for f in list_cache(cache_dir):
+        problem = cache_file_problem(f)
+        if problem is None:
+            good.append(f)
+        else:
+            log.warning("%s: %s; patient left out", f, problem)
+    return good

@@ -6,7 +6,6 @@ Files are read lazily, one patient per ``__getitem__``: memory holds only the pa
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,9 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import CACHE_SUFFIX, CachedPatient, cache_file_problem, list_cache, load_cached_patient
-
-log = logging.getLogger(__name__)
+from .cache import CACHE_SUFFIX, CachedPatient, load_cached_patient, usable_cache_files
 
 __all__ = ["PatientDataset", "collate_patients", "select_timepoints", "BATCH_KEYS"]
 
@@ -61,12 +58,7 @@ def _resolve_files(paths_or_cache_dir: PathLike | Sequence[PathLike]) -> list[Pa
             raise ValueError(f"PatientDataset: paths_or_cache_dir entries must be paths, got {type(item).__name__}")
         p = Path(item)
         if p.is_dir():  # a folder's unusable files (e.g. copied in half) are left out with a warning naming them
-            for f in list_cache(p):
-                problem = cache_file_problem(f)
-                if problem is None:
-                    files.append(f)
-                else:
-                    log.warning("%s: %s; patient left out", f, problem)
+            files.extend(usable_cache_files(p))
         elif p.is_file() and p.name.endswith(CACHE_SUFFIX):
             files.append(p)
         else:

@@ -564,22 +564,15 @@ def load_site_dataset(cache_dir: str | os.PathLike[str]) -> Any:
     with a warning in the site's log; when none is usable, :class:`strpnet_core.site.NoUsablePatientError` (counts
     only: it may leave the site as an error reply).
     """
-    from .cache import cache_file_problem
+    from .cache import usable_cache_files
     from .dataset import PatientDataset
     from .site import NoUsablePatientError
 
     key = str(Path(cache_dir).resolve())
     if key not in _DATASETS:
-        files = list_cache(cache_dir)
-        good = []
-        for f in files:
-            problem = cache_file_problem(f)
-            if problem is None:
-                good.append(f)
-            else:
-                log.warning("%s: %s; patient left out", f, problem)
+        good = usable_cache_files(cache_dir)
         if not good:
-            raise NoUsablePatientError(Path(cache_dir).name, len(files), cache_dir)
+            raise NoUsablePatientError(Path(cache_dir).name, len(list_cache(cache_dir)), cache_dir)
         _DATASETS[key] = PatientDataset(good)
     return _DATASETS[key]
 
