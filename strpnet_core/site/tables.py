@@ -71,8 +71,10 @@ def read_table(path: Path, columns: tuple[str, ...]) -> tuple[list[tuple[str, di
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     lines = data.splitlines()
-    if not lines or not lines[0].strip():
+    if not any(line.strip() for line in lines):
         return None, Problem(name, f"empty file: header {','.join(columns)} expected", None)
+    if not lines[0].strip():
+        return None, Problem(f"{name}:1", f"blank first line: header {','.join(columns)} expected on line 1", None)
     try:
         header_cells = _split_line(lines[0].decode("utf-8"))
     except UnicodeDecodeError:
@@ -159,7 +161,8 @@ def _merge(table: dict[Any, Entry], key: Any, entry: Entry, patient_id: str, loo
         loose.append(Problem(entry.where, reason, patient_id, WARNING))
         return
     reason = f"conflicting duplicate rows {first.where} and {entry.where}"
-    table[key] = Entry(first.where, None, [Problem(entry.where, reason, patient_id)])
+    # an already defective key keeps its earlier reasons (a third row must not hide the second's conflict)
+    table[key] = Entry(first.where, None, [*first.problems, Problem(entry.where, reason, patient_id)])
 
 
 def read_scan_dates(site_dir: Path) -> tuple[dict[tuple[str, str], Entry] | None, list[Problem]]:

@@ -299,6 +299,11 @@ def test_duplicate_csv_rows(site: Path) -> None:
     conflict = one(index, "conflicting duplicate rows")
     assert conflict.path == "outcomes.csv:6" and "outcomes.csv:4" in conflict.reason
     assert usable(index) == {"P01", "P02"}
+    # a third row, identical to the first, does not hide the conflicting second one
+    with open(site / "outcomes.csv", "a") as fh:
+        fh.write("P03,1,100\n")
+    conflicts = [p for p in validate_site(site).problems if "conflicting duplicate rows" in p.reason]
+    assert [p.path for p in conflicts] == ["outcomes.csv:6", "outcomes.csv:7"]
 
 
 def test_scan_without_date_row(site: Path) -> None:
@@ -394,6 +399,10 @@ def test_wrong_csv_header(site: Path) -> None:
     assert len(p) == 1 and p[0].path == "scan_dates.csv:1" and "missing column(s) patient_id, day" in p[0].reason
     assert index.patients == []
     assert cli(site) == 1
+    (site / "scan_dates.csv").write_text("\npatient_id,timepoint,day\nP01,000,0\n")  # was called "empty file"
+    p = [q for q in validate_site(site).problems if q.patient_id is None]
+    assert [str(q) for q in p] == ["scan_dates.csv:1: blank first line: header patient_id,timepoint,day expected "
+                                   "on line 1"]
 
 
 # ------------------------------------------------------------------------------------------------- recurrence
