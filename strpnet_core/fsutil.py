@@ -30,10 +30,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The temporary file keeps the final suffix (``.nii.gz``, ``.npz``, ...) so that writers that
     infer the format from the name work, and is named ``.<name>.<host>-<pid>.<random>.part<suffix>`` (hidden;
     :func:`remove_stale_parts` removes the ones left by a killed process; ``<name>`` is cut to its first 64
-    characters, so that a final name near the file system's 255-byte limit still gets a temporary file). On any exception the temporary
-    file is removed and ``path`` is left untouched: a reader sees either the old file or the complete new
-    one, also when the writing process is killed (SIGKILL) at any point. The data is fsynced before the
-    rename and the folder after it.
+    characters, so that a final name near the file system's 255-byte limit still gets a temporary file). On any
+    exception the temporary file is removed and ``path`` is left untouched: a reader sees either the old file or
+    the complete new one, also when the writing process is killed (SIGKILL) at any point. The data is fsynced
+    before the rename and the folder after it.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -44,13 +44,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the shuffling (default 0)")
     p.add_argument("--model-widths", type=int, nargs="+", default=list(mdef.widths), metavar="C",
                    help=f"encoder channels per level (default {' '.join(map(str, mdef.widths))})")
-    p.add_argument("--lstm-hidden", type=int, default=mdef.lstm_hidden, help=f"ConvLSTM channels (default {mdef.lstm_hidden})")
-    p.add_argument("--dropout", type=float, default=mdef.dropout, help=f"dropout probability (default {mdef.dropout:g})")
-    p.add_argument("--w-dice", type=float, default=tdef.w_dice, help=f"weight of the Dice loss (default {tdef.w_dice:g})")
-    p.add_argument("--w-bce", type=float, default=tdef.w_bce, help=f"weight of the weighted BCE loss (default {tdef.w_bce:g})")
-    p.add_argument("--w-cox", type=float, default=tdef.w_cox, help=f"weight of the Cox loss (default {tdef.w_cox:g})")
-    p.add_argument("--pos-weight", type=float, default=tdef.pos_weight, help=f"BCE positive-class weight (default {tdef.pos_weight:g})")
-    p.add_argument("--risk-memory", type=int, default=tdef.risk_memory, help=f"Cox risk-set memory size (default {tdef.risk_memory})")
+    p.add_argument("--lstm-hidden", type=int, default=mdef.lstm_hidden,
+                   help=f"ConvLSTM channels (default {mdef.lstm_hidden})")
+    p.add_argument("--dropout", type=float, default=mdef.dropout,
+                   help=f"dropout probability (default {mdef.dropout:g})")
+    p.add_argument("--w-dice", type=float, default=tdef.w_dice,
+                   help=f"weight of the Dice loss (default {tdef.w_dice:g})")
+    p.add_argument("--w-bce", type=float, default=tdef.w_bce,
+                   help=f"weight of the weighted BCE loss (default {tdef.w_bce:g})")
+    p.add_argument("--w-cox", type=float, default=tdef.w_cox,
+                   help=f"weight of the Cox loss (default {tdef.w_cox:g})")
+    p.add_argument("--pos-weight", type=float, default=tdef.pos_weight,
+                   help=f"BCE positive-class weight (default {tdef.pos_weight:g})")
+    p.add_argument("--risk-memory", type=int, default=tdef.risk_memory,
+                   help=f"Cox risk-set memory size (default {tdef.risk_memory})")
     p.add_argument("--max-timepoints", type=int, default=None, help="keep at most this many scans per patient")
     p.add_argument("--device", default=tdef.device, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default=tdef.precision, choices=["auto", "fp32", "bf16", "fp16"],
@@ -131,7 +138,8 @@ def train_command(args: argparse.Namespace) -> int:
     # the preset (which `strpnet predict` preprocesses with) and absolute cache paths: readable from any folder
     info = {"epochs": args.epochs, "preset": next((p for p in presets.values() if p), None),
             "train_cache": [str(Path(c).resolve()) for c in args.cache],
-            "val_cache": [str(Path(c).resolve()) for c in args.val_cache or []], "history": [_clean(r) for r in history]}
+            "val_cache": [str(Path(c).resolve()) for c in args.val_cache or []],
+            "history": [_clean(r) for r in history]}
     path = save_trained_model(out / FINAL_MODEL, model, train_cfg, info=info)
     atomic_write_json(out / MODEL_CONFIG_JSON,
                       {"model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train_cfg)})
