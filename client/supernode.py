@@ -197,8 +197,8 @@ def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Pa
             log.error("the SuperNode exited with code %d; giving up (is this site's key registered at the "
                       "coordinator? are --ca and --superlink right?)", rc)
             return rc
-        log.warning("the SuperNode exited with code %d (not yet registered at the coordinator?); retrying in %.0f s",
-                    rc, _RETRY_DELAY_S)
+        log.warning("the SuperNode exited with code %d (not yet registered at the coordinator? a TLS error above: "
+                    "check --ca and the name in --superlink); retrying in %.0f s", rc, _RETRY_DELAY_S)
         retry_at = time.monotonic() + _RETRY_DELAY_S
         while not stopping and time.monotonic() < retry_at:  # a signal now ends the wait, not a new SuperNode
             time.sleep(0.2)
