@@ -6,7 +6,7 @@ Architecture (names kept from the seed notebook)::
                                                                                         │ bottleneck x_t
     days (B, T), time_mask (B, T) ──Δt──> TemporalLSTM (ConvLSTM at the bottleneck, time-aware) ──> h_T, c_T
     [h_T, x_last] ──fuse──> CNN3DDecoder (skips of each patient's LAST real timepoint) ──> recurrence_logits (B,1,D,H,W)
-    h_T ──global avg+max pooling (+ log1p elapsed time)──> MLP ──> risk (B,)   (higher = earlier recurrence)
+    h_T ──global avg+max pooling──> MLP ──(+ beta log1p(elapsed))──> risk (B,)   (higher = earlier recurrence)
 
 Variable numbers of timepoints per patient are handled by ``time_mask``: the encoder only sees real timepoints,
 the recurrent state is carried unchanged over padded steps, and every normalisation is per sample (instance norm),

@@ -479,8 +479,8 @@ def train_step(
     Raises
     ------
     FloatingPointError
-        A non-finite loss or (without a GradScaler, which skips such steps itself) gradient: the step is not
-        applied.
+        Non-finite model outputs, loss or (without a GradScaler, which skips such steps itself) gradient: the step is
+        not applied (with non-finite outputs the risk-set memory is not updated either).
     """
     enabled, dtype = autocast
     model.train()
@@ -489,6 +489,10 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
         out = model(b["images"], b["days"], b["time_mask"])
+    if not (torch.isfinite(out.risk).all() and torch.isfinite(out.recurrence_logits).all()):
+        # before the loss: the Cox loss would call non-finite risks bad input, and its risk-set memory keep them
+        raise FloatingPointError("train_step: the model's outputs are not finite (diverged weights, or an overflow "
+                                 "under autocast); step not applied")
     loss = loss_fn(out.recurrence_logits.float(), out.risk.float(), b)
     if not torch.isfinite(loss.total):
         raise FloatingPointError(f"train_step: non-finite loss {loss.parts}; step not applied")

@@ -246,6 +246,20 @@ def test_a_non_finite_gradient_is_not_applied(grad_clip: float) -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_non_finite_outputs_are_a_floating_point_error_and_leave_the_risk_memory_alone() -> None:
+    """Diverged weights (here a NaN in the risk head) gave a ValueError that read like bad input data ("risk_scores
+    contains NaN"), after the risk-set memory had taken the batch."""
+    model = _model(ModelConfig(widths=(4, 8), lstm_hidden=4, risk_hidden=4))
+    with torch.no_grad():
+        model.risk_head.beta.fill_(float("nan"))
+    loss_fn = build_loss(TrainConfig(risk_memory=8))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(FloatingPointError, match="outputs are not finite"):
+        train_step(model, collate_patients(toy_dataset(3, seed=3)), loss_fn, opt, device=torch.device("cpu"),
+                   autocast=(False, torch.float32))
+    assert len(loss_fn.memory) == 0
+
+
 def test_model_file_round_trip(tmp_path: Path) -> None:
     model = _model(ModelConfig(widths=(4, 8), lstm_hidden=4)).eval()
     cfg = TrainConfig(lr=0.02)
