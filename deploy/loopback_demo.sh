@@ -31,9 +31,13 @@ cleanup() { for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$p" 2>/dev/null |
 trap cleanup EXIT INT TERM
 
 SITES=(site-01 site-02 site-03)
-echo "== 1. TLS + site keys ($WORK/certs)"
-args=(); for s in "${SITES[@]}"; do args+=(--site "$s"); done
-"$ROOT/deploy/make_certs.sh" "$WORK/certs" "${args[@]}"
+if [[ -f $WORK/certs/server.pem ]]; then
+  echo "== 1. reusing the TLS material and site keys in $WORK/certs"
+else
+  echo "== 1. TLS + site keys ($WORK/certs)"
+  args=(); for s in "${SITES[@]}"; do args+=(--site "$s"); done
+  "$ROOT/deploy/make_certs.sh" "$WORK/certs" "${args[@]}"
+fi
 
 if [[ -z $DATA ]]; then
   DATA=$WORK/data

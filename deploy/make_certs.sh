@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make the TLS and authentication material of an ST-RPNet deployment (docs/deployment.md).
 #
-#   deploy/make_certs.sh OUT_DIR [--host NAME_OR_IP]... [--site NAME]... [--days N]
+#   deploy/make_certs.sh OUT_DIR [--host NAME_OR_IP]... [--site NAME]... [--days N] [--keys-only] [--force]
 #
 # Writes (private keys mode 600):
 #   OUT_DIR/ca.crt, ca.key            the federation's CA (keep ca.key offline; give ca.crt to every site)
@@ -10,25 +10,47 @@
 #   OUT_DIR/sites/NAME/NAME.pub       its public key (the coordinator registers it: flower-server --site-key)
 # In a real deployment each site runs `deploy/make_certs.sh DIR --site NAME --keys-only` itself and sends only
 # NAME.pub to the coordinator.
+# Nothing is overwritten without --force: a site key already registered at the coordinator, or a server
+# certificate in use, is kept (--force replaces them); an existing CA is never replaced, and a ca.crt without its
+# ca.key beside it (kept offline) stops the script instead of minting a new CA.
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
-[[ $# -ge 1 ]] || usage
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+die() { echo "make_certs.sh: $*" >&2; exit 1; }
+[[ $# -ge 1 && $1 != -* ]] || usage
 OUT=$1; shift
-HOSTS=(); SITES=(); DAYS=365; KEYS_ONLY=0
+HOSTS=(); SITES=(); DAYS=365; KEYS_ONLY=0; FORCE=0
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --host) HOSTS+=("$2"); shift 2 ;;
-    --site) SITES+=("$2"); shift 2 ;;
-    --days) DAYS=$2; shift 2 ;;
+    --host|--site|--days) [[ $# -ge 2 ]] || die "$1 needs a value" ;;&
+    --host) [[ $2 =~ ^[A-Za-z0-9.:-]+$ ]] || die "--host $2: a DNS name or an IP address"; HOSTS+=("$2"); shift 2 ;;
+    --site) [[ $2 =~ ^[A-Za-z0-9._-]+$ ]] || die "--site $2: letters, digits, '.', '_' and '-' only"; SITES+=("$2"); shift 2 ;;
+    --days) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--days $2: a positive number of days"; DAYS=$2; shift 2 ;;
     --keys-only) KEYS_ONLY=1; shift ;;
+    --force) FORCE=1; shift ;;
     -h|--help) usage 0 ;;
     *) echo "make_certs.sh: unknown argument $1" >&2; usage ;;
   esac
 done
-command -v openssl >/dev/null || { echo "make_certs.sh: openssl is required" >&2; exit 1; }
+# Everything is checked before anything is written.
+if [[ $KEYS_ONLY -eq 0 ]]; then
+  command -v openssl >/dev/null || die "openssl is required"
+  if [[ -f $OUT/ca.crt && ! -f $OUT/ca.key ]]; then
+    die "$OUT/ca.crt exists but ca.key is not beside it (kept offline?): put it back to issue the server certificate, or use --keys-only"
+  fi
+  if [[ -f $OUT/server.pem && $FORCE -eq 0 ]]; then
+    die "$OUT/server.pem exists: --force issues a new one (same CA)"
+  fi
+fi
+for s in "${SITES[@]+"${SITES[@]}"}"; do
+  if [[ -f $OUT/sites/$s/$s.key && $FORCE -eq 0 ]]; then
+    die "$OUT/sites/$s/$s.key exists (its public key may be registered at the coordinator): --force replaces it"
+  fi
+done
 mkdir -p "$OUT"
 umask 077
+errors=$(mktemp); trap 'rm -f "$errors"' EXIT
+quiet() { "$@" 2>"$errors" || { cat "$errors" >&2; die "failed: $1 ${2:-}"; }; }  # openssl's progress is noise
 
 if [[ $KEYS_ONLY -eq 0 ]]; then
   san="DNS:localhost,IP:127.0.0.1"
@@ -36,17 +58,18 @@ if [[ $KEYS_ONLY -eq 0 ]]; then
     if [[ $h =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ || $h == *:* ]]; then san+=",IP:$h"; else san+=",DNS:$h"; fi
   done
   if [[ ! -f $OUT/ca.key ]]; then
-    openssl req -x509 -newkey rsa:4096 -sha256 -nodes -days "$DAYS" \
+    quiet openssl req -x509 -newkey rsa:4096 -sha256 -nodes -days "$DAYS" \
       -keyout "$OUT/ca.key" -out "$OUT/ca.crt" -subj "/CN=ST-RPNet federation CA" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
   fi
-  openssl req -newkey rsa:4096 -sha256 -nodes -keyout "$OUT/server.key" -out "$OUT/server.csr" \
-    -subj "/CN=ST-RPNet SuperLink" 2>/dev/null
-  ext=$(mktemp); trap 'rm -f "$ext"' EXIT
+  quiet openssl req -newkey rsa:4096 -sha256 -nodes -keyout "$OUT/server.key.new" -out "$OUT/server.csr" \
+    -subj "/CN=ST-RPNet SuperLink"
+  ext=$(mktemp); trap 'rm -f "$ext" "$errors"' EXIT
   printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
     "$san" > "$ext"
-  openssl x509 -req -in "$OUT/server.csr" -CA "$OUT/ca.crt" -CAkey "$OUT/ca.key" -CAcreateserial \
-    -out "$OUT/server.pem" -days "$DAYS" -sha256 -extfile "$ext" 2>/dev/null
+  quiet openssl x509 -req -in "$OUT/server.csr" -CA "$OUT/ca.crt" -CAkey "$OUT/ca.key" -CAcreateserial \
+    -out "$OUT/server.pem.new" -days "$DAYS" -sha256 -extfile "$ext"
+  mv "$OUT/server.key.new" "$OUT/server.key"; mv "$OUT/server.pem.new" "$OUT/server.pem"  # a pair, or the old one
   rm -f "$OUT/server.csr"
   chmod 644 "$OUT/ca.crt" "$OUT/server.pem"
   echo "CA: $OUT/ca.crt; SuperLink certificate: $OUT/server.pem (SAN $san)"
@@ -59,7 +82,9 @@ for s in "${SITES[@]+"${SITES[@]}"}"; do
     ssh-keygen -q -t ecdsa -b 384 -N "" -C "strpnet-site-$s" -f "$d/$s.key"
     mv "$d/$s.key.pub" "$d/$s.pub"
   else  # the cryptography package comes with flwr
-    "${PYTHON:-python3}" - "$d/$s.key" "$d/$s.pub" "$s" <<'PY'
+    venv_python="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"  # has cryptography (with flwr)
+    [[ -x $venv_python ]] || venv_python=python3
+    "${PYTHON:-$venv_python}" - "$d/$s.key" "$d/$s.pub" "$s" <<'PY'
 import sys
 from cryptography.hazmat.primitives import serialization as s
 from cryptography.hazmat.primitives.asymmetric import ec

@@ -122,6 +122,27 @@ def test_make_certs_san_and_keys(tmp_path: Path) -> None:
     key = serialization.load_ssh_private_key((tmp_path / "sites/h1/h1.key").read_bytes(), password=None)
     assert key.curve.name == "secp384r1"  # type: ignore[union-attr]
 
+    def make(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(REPO / "deploy" / "make_certs.sh"), str(tmp_path), *args], capture_output=True,
+                              text=True, timeout=120)
+
+    # nothing is overwritten without --force (a registered site key, the server certificate in use) ...
+    files = {p: p.read_bytes() for p in (tmp_path / "sites/h1/h1.key", tmp_path / "server.pem", tmp_path / "ca.crt")}
+    for args, why in ((["--site", "h1", "--keys-only"], "h1.key exists"), (["--host", "x.org"], "server.pem exists")):
+        run = make(*args)
+        assert run.returncode == 1 and why in run.stderr and "--force" in run.stderr
+    assert all(p.read_bytes() == b for p, b in files.items())
+    # ... and a CA whose key is kept offline is never replaced by a new one
+    (tmp_path / "ca.key").rename(tmp_path / "offline.key")
+    run = make("--force")
+    assert run.returncode == 1 and "ca.key is not beside it" in run.stderr
+    (tmp_path / "offline.key").rename(tmp_path / "ca.key")
+    assert make("--force", "--host", "10.9.9.9").returncode == 0  # a new server certificate, the same CA
+    assert (tmp_path / "ca.crt").read_bytes() == files[tmp_path / "ca.crt"]
+    assert (tmp_path / "server.pem").read_bytes() != files[tmp_path / "server.pem"]
+    bad = make("--days", "abc")
+    assert bad.returncode == 1 and "--days abc" in bad.stderr
+
 
 def test_client_needs_ca_or_explicit_insecure_which_warns(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     from client.supernode import main as client_main
