@@ -139,10 +139,29 @@ def refuse_if_running(flwr_home: str | os.PathLike[str], what: str, *, grace_s: 
 
 
 def _log_tail(log_file: Path | None, n: int = 25) -> str:
-    if log_file is None or not log_file.is_file():
-        return ""
-    lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
-    return f"; last lines of {log_file}:\n" + "\n".join(lines)
+    """The last lines of the SuperLink's log and of its console output (``.stdout`` beside it: the web server's own
+    errors, e.g. an address in use, go there)."""
+    out = ""
+    for path in (log_file, None if log_file is None else log_file.with_suffix(".stdout")):
+        if path is not None and path.is_file() and path.stat().st_size:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]
+            out += f"; last lines of {path}:\n" + "\n".join(lines)
+    return out
+
+
+def check_port_free(host: str, port: int) -> None:
+    """RuntimeError naming ``host:port`` when something already listens there: the SuperLink would fail to bind
+    (and a readiness check could even be answered by the other listener, e.g. another SuperLink of the same CA)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free for this purpose
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(f"{host}:{port} is already in use ({exc.strerror}): another flower-server or service "
+                               "listens there; choose another --port or stop it") from None
 
 
 def start_superlink(
@@ -184,7 +203,14 @@ def start_superlink(
     subprocess.Popen
         The supervisor of the SuperLink (stop it with ``stop_process``: the SuperLink and every process of
         ``flwr_home`` are stopped with it).
+
+    Raises
+    ------
+    RuntimeError
+        ``host:port`` already in use (before anything starts), or the SuperLink exited or did not answer in time
+        (the tails of its log and console output in the message).
     """
+    check_port_free(host, port)
     cmd = [flower_executable("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation", "--isolation", "subprocess"]
     if tls is None:

@@ -321,6 +321,14 @@ class RiskSetMemory:
         """Forget every remembered patient."""
         self._items.clear()
 
+    def snapshot(self) -> tuple[tuple[float, float, float, Hashable | None], ...]:
+        """The remembered entries, to :meth:`restore` them (e.g. when a training step is rejected)."""
+        return tuple(self._items)
+
+    def restore(self, snapshot: tuple[tuple[float, float, float, Hashable | None], ...]) -> None:
+        """Remember exactly the entries of an earlier :meth:`snapshot`."""
+        self._items = deque(snapshot)
+
     def _check(
         self, risk: Tensor, times: Any, events: Any, keys: Sequence[Hashable] | None, fn: str
     ) -> tuple[Tensor, Tensor, Tensor]:

@@ -480,7 +480,7 @@ def train_step(
     ------
     FloatingPointError
         Non-finite model outputs, loss or (without a GradScaler, which skips such steps itself) gradient: the step is
-        not applied (with non-finite outputs the risk-set memory is not updated either).
+        not applied, and the risk-set memory is left as it was before the step.
     """
     enabled, dtype = autocast
     model.train()
@@ -493,8 +493,10 @@ def train_step(
         # before the loss: the Cox loss would call non-finite risks bad input, and its risk-set memory keep them
         raise FloatingPointError("train_step: the model's outputs are not finite (diverged weights, or an overflow "
                                  "under autocast); step not applied")
+    memory = loss_fn.memory.snapshot()  # a rejected step must not leave this batch's risks in the risk-set memory
     loss = loss_fn(out.recurrence_logits.float(), out.risk.float(), b)
     if not torch.isfinite(loss.total):
+        loss_fn.memory.restore(memory)
         raise FloatingPointError(f"train_step: non-finite loss {loss.parts}; step not applied")
     grad_norm = math.nan
     if scaler is not None and scaler.is_enabled():
@@ -510,6 +512,7 @@ def train_step(
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
         if not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
+            loss_fn.memory.restore(memory)
             raise FloatingPointError(f"train_step: non-finite gradient (norm {grad_norm}); step not applied")
         optimizer.step()
     return {**loss.parts, "grad_norm": grad_norm}

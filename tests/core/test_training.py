@@ -240,10 +240,12 @@ def test_a_non_finite_gradient_is_not_applied(grad_clip: float) -> None:
     first = next(model.parameters())
     first.register_hook(lambda g: g * float("nan"))
     before = [p.detach().clone() for p in model.parameters()]
+    loss_fn = build_loss(TrainConfig(risk_memory=8))
     with pytest.raises(FloatingPointError, match="non-finite gradient"):
-        train_step(model, batch, build_loss(TrainConfig(risk_memory=8)), opt, device=torch.device("cpu"),
+        train_step(model, batch, loss_fn, opt, device=torch.device("cpu"),
                    autocast=(False, torch.float32), grad_clip=grad_clip)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(loss_fn.memory) == 0  # the rejected step's risks did not stay in the Cox risk-set memory
 
 
 def test_non_finite_outputs_are_a_floating_point_error_and_leave_the_risk_memory_alone() -> None:

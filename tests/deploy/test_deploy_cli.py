@@ -208,3 +208,19 @@ def test_client_refuses_a_flower_home_another_client_holds(caplog: pytest.LogCap
     # the kernel released the killed holder's lock: the same home is free again
     assert client_main(args) == 1
     assert "give --ca" in caplog.text and "in use" not in caplog.text
+
+
+def test_a_port_in_use_is_named_before_the_superlink_starts(tmp_path: Path) -> None:
+    """Another listener on the port made the SuperLink exit with code 1 and no cause shown (its web server writes
+    the error to its console output, not its log); now nothing starts and the port is named."""
+    import socket
+
+    from server.launch import start_superlink
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{port} is already in use.*another --port"):
+            start_superlink(tmp_path / "home", host="127.0.0.1", port=port, tls=None)
+    assert not (tmp_path / "home" / "superlink.log").exists()  # nothing was started
