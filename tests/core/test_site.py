@@ -264,7 +264,6 @@ def test_seg_on_wrong_grid_is_dropped(site: Path) -> None:
     assert len(scans) == 3 and scans[1].seg is None and scans[0].seg is not None
 
 
-
 def test_unread_file_in_a_scan_folder_warns(site: Path) -> None:
     """A file the validator does not read (an old copy, a note) is named in a warning; the scan stays usable."""
     stray = f(site, "P01", "001", "t1c").with_name("P01-001-t1c_old.nii.gz")
@@ -276,6 +275,7 @@ def test_unread_file_in_a_scan_folder_warns(site: Path) -> None:
     assert usable(index) == {"P01", "P02", "P03"} and len(index.patients[0].scans) == 3
     assert index.patients[0].scans[1].images["t1c"] == f(site, "P01", "001", "t1c")
     assert index.summary()["warnings"] == 1 and index.summary()["errors"] == 0
+
 
 # ----------------------------------------------------------------------------------------------- identity, CSVs
 

@@ -37,6 +37,20 @@ def console_command(script: str, module: str) -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", module]
 
 
+def tls_server_command(certs: Path, work: Path, *, port: int, rounds: int, sites: tuple[str, ...] = ("a", "b")
+                       ) -> list[str]:
+    """``flower-server`` with TLS and SuperNode authentication on 127.0.0.1:``port`` for the keys of ``sites`` (made
+    by ``deploy/make_certs.sh certs --site ...``), state and run directory under ``work``, a tiny configuration."""
+    keys = [arg for s in sites for arg in ("--site-key", str(certs / f"sites/{s}/{s}.pub"))]
+    return console_command("flower-server", "server.coordinator") + [
+        "--certs", str(certs), *keys, "--host", "127.0.0.1", "--port", str(port),
+        "--state-dir", str(work / "coordinator"), "--run-dir", str(work / "run"), "--rounds", str(rounds),
+        "--timeout", "600",
+        "-c", "preset=ci", "-c", "val-fraction=0.4", "-c", "local-epochs=1", "-c", "num-threads=1",
+        "-c", 'model.widths="4,8" model.lstm-hidden=8 model.risk-hidden=8', "--app-dir", str(REPO),
+    ]
+
+
 def start_logged(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in the repository, in its own session (stopped by its process group); output appended to
     ``log``."""

@@ -16,7 +16,8 @@ import pytest
 
 from strpnet_core.federation import flower_env, free_port, stop_process
 
-from deploy_helpers import REPO, console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py
+# tests/deploy/deploy_helpers.py
+from deploy_helpers import REPO, console_command, start_logged, tls_server_command, write_site_cache
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +31,7 @@ def test_tls_authenticated_deployment(tmp_path: Path) -> None:
     intruder_cache = write_site_cache(tmp_path / "cache" / "intruder", "intruder", seed=9)
     port = free_port()
     env = flower_env(tmp_path / "flwr-home-test")
-    server_cmd = console_command("flower-server", "server.coordinator") + [
-        "--certs", str(certs), "--site-key", str(certs / "sites/a/a.pub"), "--site-key", str(certs / "sites/b/b.pub"),
-        "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "coordinator"),
-        "--run-dir", str(tmp_path / "run"), "--rounds", "2", "--timeout", "600",
-        "-c", "preset=ci", "-c", "val-fraction=0.4", "-c", "local-epochs=1", "-c", "num-threads=1",
-        "-c", 'model.widths="4,8" model.lstm-hidden=8 model.risk-hidden=8', "--app-dir", str(REPO),
-    ]
+    server_cmd = tls_server_command(certs, tmp_path, port=port, rounds=2)
     client = console_command("flower-client", "client.supernode")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:

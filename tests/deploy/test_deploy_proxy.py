@@ -18,7 +18,8 @@ import pytest
 
 from strpnet_core.federation import flower_env, free_port, stop_process
 
-from deploy_helpers import REPO, console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py
+# tests/deploy/deploy_helpers.py
+from deploy_helpers import REPO, console_command, start_logged, tls_server_command, write_site_cache
 
 pytestmark = pytest.mark.integration
 
@@ -53,13 +54,7 @@ def test_sites_reach_only_the_fleet_api_through_the_proxy(tmp_path: Path) -> Non
     (tmp_path / "nginx").mkdir()
     conf = _nginx_conf(tmp_path / "nginx", certs, proxy_port, superlink_port)
     env = flower_env(tmp_path / "flwr-home-test")
-    server_cmd = console_command("flower-server", "server.coordinator") + [
-        "--certs", str(certs), "--site-key", str(certs / "sites/a/a.pub"), "--site-key", str(certs / "sites/b/b.pub"),
-        "--host", "127.0.0.1", "--port", str(superlink_port), "--state-dir", str(tmp_path / "coordinator"),
-        "--run-dir", str(tmp_path / "run"), "--rounds", "1", "--timeout", "600",
-        "-c", "preset=ci", "-c", "val-fraction=0.4", "-c", "local-epochs=1", "-c", "num-threads=1",
-        "-c", 'model.widths="4,8" model.lstm-hidden=8 model.risk-hidden=8', "--app-dir", str(REPO),
-    ]
+    server_cmd = tls_server_command(certs, tmp_path, port=superlink_port, rounds=1)
     client = console_command("flower-client", "client.supernode")
     verify = ssl.create_default_context(cafile=str(certs / "ca.crt"))
     procs: dict[str, subprocess.Popen[bytes]] = {}
