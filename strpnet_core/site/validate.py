@@ -226,8 +226,10 @@ def _check_scan(
     images: dict[str, Path] = {}
     problems: list[Problem] = []
     t1c: ImageInfo | None = None
+    read = {f.name for f in _modality_files(folder, names, "seg")}  # the files this check looks at
     for modality in MODALITIES:
         files = _modality_files(folder, names, modality)
+        read.update(f.name for f in files)
         if not files:
             expected = scan_file_name(pid, tp, modality).replace(f"{pid}-{tp}", folder.name)
             alt = "/".join(MODALITY_SUFFIXES[modality][1:])
@@ -247,7 +249,6 @@ def _check_scan(
         if modality == REFERENCE_MODALITY:
             t1c = info
     seg, notes = _check_seg(ctx, pid, folder, names, t1c)
-    read = {f.name for kind in (*MODALITIES, "seg") for f in _modality_files(folder, names, kind)}
     notes += [Problem(ctx.rel(folder / name), "unexpected file in the scan folder; not read", pid, WARNING)
               for name in sorted(names - read) if not name.startswith(".")]
     return (images if not problems else None), seg, t1c, problems, notes
