@@ -508,7 +508,8 @@ def report_test_set(
 # ----------------------------------------------------------------------------------------------------------------------
 # the page
 # ----------------------------------------------------------------------------------------------------------------------
-def _f(v: Any, spec: str = ".3f") -> str:
+def format_value(v: Any, spec: str = ".3f") -> str:
+    """``v`` formatted with ``spec``, or ``n/a`` when it is missing or not a finite number (page and console)."""
     x = _num(v)
     return "n/a" if not math.isfinite(x) else format(x, spec)
 
@@ -642,12 +643,12 @@ def _page(run: RunRecord, summary: Mapping[str, Any], config: Mapping[str, Any],
     info = [
         ("run directory", str(run.run_dir)),
         ("rounds", status),
-        ("final federated C-index", f"{_f(last.get('c_index'))} ({_f(last.get('comparable'), '.0f')} comparable "
+        ("final federated C-index", f"{format_value(last.get('c_index'))} ({format_value(last.get('comparable'), '.0f')} comparable "
                                     f"pairs)"),
-        ("final pooled Dice", _f(last.get("dice"))),
+        ("final pooled Dice", format_value(last.get("dice"))),
         ("best round by C-index", f"{summary.get('best_round_by_c_index') or 'n/a'} "
-                                  f"(C-index {_f(summary.get('best_c_index'))})"),
-        ("sites per round", _f(last.get("eval_sites"), ".0f")),
+                                  f"(C-index {format_value(summary.get('best_c_index'))})"),
+        ("sites per round", format_value(last.get("eval_sites"), ".0f")),
         ("preset / seed", f"{config.get('preset', '?')} / {config.get('seed', '?')}"),
         ("model", (run.model_path.name if run.model_path else "no final model yet")
          + (f", {_num(summary.get('model_bytes')) / 1e6:.2f} MB" if summary.get("model_bytes") else "")),
@@ -663,10 +664,10 @@ def _page(run: RunRecord, summary: Mapping[str, Any], config: Mapping[str, Any],
                       "Federated C-index (pooled pair counts over all sites), pooled Dice and losses per round"))
     head = ["round", "C-index", "comparable pairs", "Dice", "eval loss", "train loss", "patients", "events",
             "sites", "failures (train/eval)", "seconds"]
-    body = [[str(r["round"]), _f(r.get("c_index")), _f(r.get("comparable"), ".0f"), _f(r.get("dice")),
-             _f(r.get("eval_loss"), ".4f"), _f(r.get("train_loss"), ".4f"), _f(r.get("n_patients"), ".0f"),
-             _f(r.get("n_events"), ".0f"), _f(r.get("eval_sites"), ".0f"),
-             f"{r.get('train_failures', 'n/a')}/{r.get('eval_failures', 'n/a')}", _f(r.get("round_seconds"), ".1f")]
+    body = [[str(r["round"]), format_value(r.get("c_index")), format_value(r.get("comparable"), ".0f"), format_value(r.get("dice")),
+             format_value(r.get("eval_loss"), ".4f"), format_value(r.get("train_loss"), ".4f"), format_value(r.get("n_patients"), ".0f"),
+             format_value(r.get("n_events"), ".0f"), format_value(r.get("eval_sites"), ".0f"),
+             f"{r.get('train_failures', 'n/a')}/{r.get('eval_failures', 'n/a')}", format_value(r.get("round_seconds"), ".1f")]
             for r in rows]
     parts.append(_table(head, body, "rounds"))
 
@@ -676,9 +677,9 @@ def _page(run: RunRecord, summary: Mapping[str, Any], config: Mapping[str, Any],
         parts.append(_img(Path(SITES_PNG), f"Patients and metrics per site, round {last_sites['round']}"))
         head = ["site", "node id", "training patients", "evaluated patients", "events", "comparable pairs",
                 "C-index", "Dice", "train loss"]
-        body = [[s["label"], s["node"], _f(s["train_examples"], ".0f"), _f(s["n_patients"], ".0f"),
-                 _f(s["n_events"], ".0f"), _f(s["comparable"], ".0f"), _f(s["c_index"]), _f(s["dice"]),
-                 _f(s["train_loss"], ".4f")] for s in sites]
+        body = [[s["label"], s["node"], format_value(s["train_examples"], ".0f"), format_value(s["n_patients"], ".0f"),
+                 format_value(s["n_events"], ".0f"), format_value(s["comparable"], ".0f"), format_value(s["c_index"]), format_value(s["dice"]),
+                 format_value(s["train_loss"], ".4f")] for s in sites]
         parts.append(_table(head, body, "sites"))
         parts.append('<p class="note">Each site\'s C-index counts only its own comparable pairs; the federated '
                      "C-index pools every site's pair counts (it is not the mean of these). Sites are numbered in "
@@ -696,8 +697,8 @@ def _page(run: RunRecord, summary: Mapping[str, Any], config: Mapping[str, Any],
             ("test cache", str(test.cache_dir)),
             ("patients (events)", f"{test.n_patients} ({test.n_events})"
                                   + (f"; {test.n_excluded} without outcome left out" if test.n_excluded else "")),
-            ("C-index", f"{_f(test.c_index)} ({test.comparable} comparable pairs)"),
-            ("Dice (pooled)", _f(test.dice)),
+            ("C-index", f"{format_value(test.c_index)} ({test.comparable} comparable pairs)"),
+            ("Dice (pooled)", format_value(test.dice)),
             ("risk groups", f"high: risk > {test.threshold:.4g} ({test.n_high} patients), low: {test.n_low}"),
             ("cut", test.threshold_source),
             ("log-rank p (high vs low)", "n/a (one group is empty)" if test.logrank_p is None

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``strpnet report``; 0 on success, 2 on an unusable run directory or test set."""
-    from ..report import ReportError, write_report
+    from ..report import ReportError, format_value, write_report
 
     try:
         res = write_report(
@@ -45,10 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if res.test is not None:
         t = res.test
-        def f(v: float | None, spec: str = ".3f") -> str:
-            return "n/a" if v is None or v != v else format(v, spec)
-
-        print(f"test set: {t.n_patients} patients ({t.n_events} events), C-index {f(t.c_index)}, Dice {f(t.dice)}, "
-              f"log-rank p {f(t.logrank_p, '.3g')}")
+        print(f"test set: {t.n_patients} patients ({t.n_events} events), C-index {format_value(t.c_index)}, "
+              f"Dice {format_value(t.dice)}, log-rank p {format_value(t.logrank_p, '.3g')}")
     print(f"report: {res.html} ({len(res.images)} images)")
     return 0
