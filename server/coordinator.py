@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="plain HTTP without TLS (testing only; prints a warning)")
     p.add_argument("--site-key", action="append", default=[], metavar="SITE.pub",
                    help="public key of a site allowed to join (repeat per site)")
+    p.add_argument("--revoke-missing", action="store_true",
+                   help="unregister the site keys registered at an earlier start that are no longer given with "
+                   "--site-key (without it, such keys stop the start; cannot be undone: the site needs a new key pair)")
     p.add_argument("--no-auth", action="store_true",
                    help="let any SuperNode join (no node authentication; testing only; prints a warning)")
     p.add_argument("--host", default="127.0.0.1",
@@ -62,6 +65,28 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _sync_site_keys(keys: list[Path], flwr_home: Path, record: Path, *, fresh_database: bool,
+                    revoke_missing: bool) -> None:
+    """Register ``keys`` and revoke recorded keys no longer given (:func:`server.site_keys.sync_site_keys`); log it."""
+    from .site_keys import sync_site_keys
+
+    done = sync_site_keys(keys, flwr_home, record, fresh_database=fresh_database, revoke_missing=revoke_missing)
+    for key, node in done.registered:
+        log.info("registered site key %s (node %d)", key, node)
+    for key, node in done.kept:
+        log.info("site key %s was already registered%s", key, "" if node is None else f" (node {node})")
+    for key, node in done.revoked:
+        log.warning("revoked site key %s (--revoke-missing): unregistered its node %d; that site can no longer "
+                    "connect", key, node)
+    for key, node in done.refused:
+        log.warning("site key %s: its node %d was unregistered outside flower-server, so the SuperLink refuses "
+                    "that site; it needs a new key pair", key, node)
+    if done.unknown:
+        log.warning("the SuperLink also admits node(s) %s, registered outside flower-server or before it kept %s; "
+                    "if they are not your sites: FLWR_HOME=%s flwr supernode unregister NODE_ID strpnet",
+                    ", ".join(map(str, done.unknown)), record, flwr_home)
+
+
 def coordinate(args: argparse.Namespace) -> int:
     """Run the coordinator described by ``args`` (see :func:`build_parser`)."""
     from strpnet_core.commands.simulate import parse_overrides
@@ -75,12 +100,12 @@ def coordinate(args: argparse.Namespace) -> int:
         finished_summary,
         flwr_run_stream,
         refuse_if_running,
-        register_supernode,
         start_superlink,
         stop_stale_runs,
         write_flwr_config,
         write_run_config,
     )
+    from .site_keys import key_fingerprint, record_path
 
     if args.insecure:
         tls = None
@@ -99,6 +124,7 @@ def coordinate(args: argparse.Namespace) -> int:
     for k in keys:
         if not k.is_file():
             raise FileNotFoundError(f"--site-key {k}: no such file")
+        key_fingerprint(k)  # not a public key: stop before anything starts
     min_sites = max(1, len(keys)) if args.min_sites is None else args.min_sites
     if min_sites < 1:
         raise ValueError(f"--min-sites {min_sites}: at least 1 site must take part")
@@ -136,15 +162,9 @@ def coordinate(args: argparse.Namespace) -> int:
                 log.warning("run %d of a previous session was still open in %s: stopped it", run_id, database)
             else:
                 log.info("run %d of a previous session is %s in %s", run_id, fate, database)
-        for k in keys:
-            try:
-                register_supernode(k, flwr_home)
-                log.info("registered site key %s", k)
-            except RuntimeError as exc:
-                if "already" in str(exc).lower():
-                    log.info("site key %s was already registered", k)
-                else:
-                    raise
+        if auth:
+            _sync_site_keys(keys, flwr_home, record_path(database), fresh_database=not kept_database,
+                            revoke_missing=args.revoke_missing)
         log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
 
         def show(line: str) -> None:

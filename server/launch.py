@@ -1,4 +1,4 @@
-"""Starting Flower's own programs for a run: a SuperLink, ``flwr supernode register``, ``flwr run --stream``.
+"""Starting Flower's own programs for a run: a SuperLink, short ``flwr`` commands, ``flwr run --stream``.
 
 Used by ``flower-server`` (deployment: TLS + SuperNode authentication) and ``strpnet simulate`` (a private
 simulation-mode SuperLink on a free 127.0.0.1 port, so that parallel simulations never share one). Every process
@@ -252,21 +252,9 @@ def run_flwr(
     timeout_s: float = 120.0,
     cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a short ``flwr`` command (``supernode register``, ``stop``, ``ls``) with the run's environment."""
+    """Run a short ``flwr`` command (``supernode register``, ``stop``, ``ls``, ...) with the run's environment."""
     return subprocess.run([flower_executable("flwr"), *args], env=flower_env(flwr_home), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout_s, check=False)
-
-
-def register_supernode(public_key: str | os.PathLike[str], flwr_home: str | os.PathLike[str],
-                       *, name: str | None = None) -> None:
-    """``flwr supernode register KEY.pub strpnet``; RuntimeError with Flower's message when refused."""
-    args = ["supernode", "register", str(public_key), CONNECTION]
-    if name:
-        args += ["--name", name]
-    res = run_flwr(args, flwr_home)
-    if res.returncode != 0:
-        raise RuntimeError(f"registering {public_key} failed (exit {res.returncode}): "
-                           f"{(res.stdout + res.stderr).strip()[-2000:]}")
 
 
 #: Flower's run states (the part of ``flwr ls``'s status before ":") that a run can still leave.

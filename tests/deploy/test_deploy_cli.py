@@ -29,6 +29,13 @@ def test_server_with_auth_needs_site_keys(caplog: pytest.LogCaptureFixture, tmp_
     assert "UNENCRYPTED" in caplog.text and "--site-key" in caplog.text
 
 
+def test_server_refuses_a_site_key_that_is_no_public_key(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    (tmp_path / "site.key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n")
+    assert server_main(["--insecure", "--site-key", str(tmp_path / "site.key"), "--state-dir", str(tmp_path)]) == 1
+    assert "site.key: not an OpenSSH public key" in caplog.text
+    assert not (tmp_path / "superlink.db").exists()  # nothing was started
+
+
 def test_server_refuses_bad_run_values_before_starting(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     base = ["--insecure", "--no-auth", "--state-dir", str(tmp_path)]
     assert server_main([*base, "--rounds", "0"]) == 1 and "num-server-rounds must be >= 1" in caplog.text
