@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +22,25 @@ _PART_RE = re.compile(r"^\.(?P<final>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\
 
 def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def private_dir(path: str | os.PathLike[str]) -> str | None:
+    """Create the folder ``path`` (and its parents) for patient-derived files: a new folder gets mode 0700, so that
+    other users of the machine cannot list or read what is written into it, whatever the umask gives the files.
+
+    An existing folder keeps its mode (a research team may share one through its group); the returned warning
+    (else None) says when other users can enter it (``o+x``) or list it (``o+r``).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return None
+    mode = stat.S_IMODE(folder.stat().st_mode)
+    if mode & (stat.S_IROTH | stat.S_IXOTH):
+        return (f"{folder} holds patient-derived images and other users of this machine can "
+                f"{'read' if mode & stat.S_IXOTH else 'list'} it (mode {mode:04o}): chmod o-rwx {folder}")
+    return None
 
 
 @contextlib.contextmanager

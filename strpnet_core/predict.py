@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__
 from .contract import MODALITIES, REFERENCE_MODALITY
-from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json
+from .fsutil import atomic_path, atomic_write_bytes, atomic_write_json, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +492,8 @@ def predict_patient(
         raise PredictError(f"--out: {earlier[0]} exists (an earlier prediction of {pid}); use --force to replace it")
     for path in earlier:
         path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if (warning := private_dir(out)) is not None:
+        log.warning("%s", warning)
     cached = prepare_patient(record, site_name, Path(cache_dir) if cache_dir else out / CACHE_SUBDIR, preset, seed)
     prob_grid, risk, where = run_model(model, train_cfg, cached, device)
 

@@ -38,7 +38,7 @@ from .. import __version__
 from ..cache import CACHE_SUFFIX, CachedPatient, cache_path, list_cache, save_cached_patient
 from ..console import die_with_parent
 from ..contract import FLAIR_MODALITY, MODALITIES, OUTCOMES_CSV, REFERENCE_MODALITY
-from ..fsutil import atomic_write_json, remove_stale_parts
+from ..fsutil import atomic_write_json, private_dir, remove_stale_parts
 from ..presets import Preset, get_preset
 from .bias import LESION_MADS, flair_lesion_mask, n4_correct
 from .brain import brain_mask as extract_brain
@@ -456,6 +456,7 @@ def preprocess_patient(
     settings = preset if isinstance(preset, PipelineSettings) else PipelineSettings.from_preset(preset)
     shash = settings.hash(seed)
     out_dir = Path(out_dir)
+    private_dir(out_dir)  # a new folder is closed to other users (preprocess_site warns about an open one)
     pid = record.patient_id
     t_start = time.perf_counter()
     qc: dict[str, Any] = {"patient_id": pid, "site": site_name, "settings_hash": shash,
@@ -753,7 +754,8 @@ def preprocess_site(
     settings = preset if isinstance(preset, PipelineSettings) else PipelineSettings.from_preset(preset)
     shash = settings.hash(seed)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if (warning := private_dir(out)) is not None:
+        log.warning("%s", warning)
     for stale in remove_stale_parts(out):  # temporary files of a killed earlier run
         log.info("removed %s (left by a killed writer)", stale)
     # Outcomes are required (and scans after the recurrence dropped by the validator) when the site has them;

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from strpnet_core.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from strpnet_core.fsutil import atomic_path, atomic_write_json, atomic_write_text, private_dir
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -58,6 +58,24 @@ def test_permissions_follow_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_private_dir_is_closed_to_other_users(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "site" / "cache"
+        assert private_dir(new) is None
+        assert stat.S_IMODE(new.stat().st_mode) == 0o700
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o755)
+        warning = private_dir(shared)
+        assert warning is not None and "other users of this machine can read it (mode 0755)" in warning
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o755  # an existing folder keeps its mode
+        group = tmp_path / "group"
+        group.mkdir(mode=0o750)
+        assert private_dir(group) is None
+    finally:
+        os.umask(old)
 
 
 def test_exclusive_lock_waits_then_names_the_holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

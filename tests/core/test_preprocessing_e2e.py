@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,7 @@ def test_resume_skips_done_patients(cohort: Path, processed: dict) -> None:
     out = processed["cache"] / "site-01"
     report = preprocess_site(cohort / "site-01", out, preset="ci", seed=0, progress=False)
     assert [r.status for r in report.results] == ["skipped"] * len(report.results) and report.results
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700  # made by the first run: closed to other users
 
 
 def test_cache_geometry_maps_back_to_preop(cohort: Path, processed: dict) -> None:
