@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import stat
 import subprocess
 from pathlib import Path
 
@@ -154,9 +155,10 @@ def test_make_certs_san_and_keys(tmp_path: Path) -> None:
 def test_client_needs_ca_or_explicit_insecure_which_warns(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     from client.supernode import main as client_main
 
-    base = ["--superlink", "127.0.0.1:1", "--site-name", "a", "--cache-dir", str(tmp_path), "--skip-prepare"]
+    base = ["--superlink", "127.0.0.1:1", "--site-name", "a", "--cache-dir", str(tmp_path / "cache"), "--skip-prepare"]
     assert client_main(base) == 1
     assert "give --ca" in caplog.text and "UNENCRYPTED" not in caplog.text
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700  # the site's cache: closed to other users
     caplog.clear()
     assert client_main(["--superlink", "127.0.0.1:1", "--data-dir", str(tmp_path / "absent"), "--insecure"]) == 1
     assert "UNENCRYPTED" in caplog.text and "no such folder" in caplog.text
