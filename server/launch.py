@@ -31,6 +31,13 @@ from strpnet_core.reaper import flower_processes
 #: Name of the SuperLink connection written into ``$FLWR_HOME/config.toml``.
 CONNECTION = "strpnet"
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+#: ANSI colour and cursor sequences (Flower colours its log levels whatever its output is).
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (``ESC [ params letter``)."""
+    return _ANSI.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -381,7 +388,7 @@ def flwr_run_stream(
     timeout_s:
         Bound on the whole run; on expiry the run is stopped (``flwr stop``) and TimeoutError raised.
     on_line:
-        Called with every output line (default: echo to stdout).
+        Called with every output line (default: echo to stdout); without ANSI colours unless stdout is a terminal.
 
     Returns
     -------
@@ -402,13 +409,14 @@ def flwr_run_stream(
 
     def pump() -> None:
         assert proc.stdout is not None
+        colours = sys.stdout.isatty()  # kept on a terminal; a log file gets plain text
         for raw in proc.stdout:
-            line = raw.rstrip("\n")
+            line = strip_ansi(raw.rstrip("\n"))
             lines.append(line)
             m = _RUN_ID.search(line)
             if m and not run_id:
                 run_id.append(int(m.group(1)))
-            echo(line)
+            echo(raw.rstrip("\n") if colours else line)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request (the SuperLink's health)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -30,6 +30,7 @@ def run_deployment_command(
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request (the SuperLink's health)
     args = parser.parse_args(argv)
     try:
         return run(args)

@@ -233,3 +233,19 @@ def test_a_port_in_use_is_named_before_the_superlink_starts(tmp_path: Path) -> N
         with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{port} is already in use.*another --port"):
             start_superlink(tmp_path / "home", host="127.0.0.1", port=port, tls=None)
     assert not (tmp_path / "home" / "superlink.log").exists()  # nothing was started
+
+
+def test_flower_log_colours_are_stripped_for_a_log_file() -> None:
+    """Flower colours its level names whatever its output is; the lines `flwr_run_stream` keeps (and echoes when
+    stdout is no terminal) are plain text."""
+    import logging
+
+    from flwr.supercore.logger import ConsoleHandler
+
+    from server.launch import strip_ansi
+
+    record = logging.LogRecord("flwr", logging.WARNING, __file__, 1, "[ROUND 2] federated C-index 0.6", None, None)
+    coloured = ConsoleHandler(colored=True).format(record)
+    assert "\x1b[" in coloured
+    assert strip_ansi(coloured) == ConsoleHandler(colored=False).format(record) == \
+        "WARNING :   [ROUND 2] federated C-index 0.6"
