@@ -190,7 +190,9 @@ def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Pa
                 rc = proc.wait()
         finally:
             stop_process(proc)
-        if stopping or rc == 0:
+        if stopping:
+            return 128 + stopping[0]  # a requested stop: the shell's code of a process ended by that signal
+        if rc == 0:
             return rc
         if time.monotonic() - t_start > _JOINED_AFTER_S:  # it had been up: a new outage gets a full retry window
             give_up = time.monotonic() + max(0.0, args.retry_seconds)
@@ -203,7 +205,7 @@ def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Pa
         retry_at = time.monotonic() + _RETRY_DELAY_S
         while not stopping and time.monotonic() < retry_at:  # a signal now ends the wait, not a new SuperNode
             time.sleep(0.2)
-    return rc
+    return 128 + stopping[0]
 
 
 if __name__ == "__main__":

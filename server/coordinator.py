@@ -61,8 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_deployment_command(build_parser(), coordinate, argv, log)
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the ``finally`` blocks stop what was started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise _Stopped(signum)
 
 
 def _sync_site_keys(keys: list[Path], flwr_home: Path, record: Path, *, fresh_database: bool,
@@ -174,9 +182,9 @@ def coordinate(args: argparse.Namespace) -> int:
 
         outcome = flwr_run_stream(Path(args.app_dir) if args.app_dir else app_dir(), flwr_home,
                                   run_config_file=config_file, timeout_s=args.timeout, on_line=show)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         log.warning("interrupted: stopping the SuperLink")
-        return 130
+        return 128 + (exc.signum if isinstance(exc, _Stopped) else signal.SIGINT)  # 143 for SIGTERM, 130 Ctrl-C
     finally:
         stop_process(superlink)
         for s, h in previous.items():

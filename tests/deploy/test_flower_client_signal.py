@@ -30,4 +30,4 @@ def test_sigterm_during_the_retry_wait_stops_the_site(tmp_path: Path) -> None:
         stop_process(proc)
     text = log.read_text(errors="replace")
     assert text.count("starting the SuperNode") == 1, text[-3000:]  # none after the signal
-    assert rc != 0  # the SuperNode's failure code: it never joined
+    assert rc == 128 + signal.SIGTERM  # a requested stop, as a shell reports a process ended by SIGTERM
