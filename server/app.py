@@ -25,7 +25,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from strpnet_core.federation import (
-    RISK_HIST_MIN_PATIENTS,
     FederationConfig,
     build_model,
     check_test_cache,
@@ -191,10 +190,10 @@ def main(grid: Grid, context: Context) -> None:
     final: ArrayRecord = state["arrays"]
     model_path = write_final_model(run_dir, final.to_torch_state_dict(), model_cfg.to_dict(), train_cfg.to_dict(),
                                    server_round=max(done, history[-1]["round"] if history else 0))
-    if write_risk_reference_from_history(run_dir, history) is None:  # pooled risk quantiles for `strpnet predict`
-        log(WARNING, "[strpnet] no %s: the last round has no pooled risk histogram (every site had fewer than %d "
-            "training patients, or none was evaluated); predictions of this model report no risk percentile",
-            RISK_REFERENCE_JSON, RISK_HIST_MIN_PATIENTS)
+    ref_path, why = write_risk_reference_from_history(run_dir, history)  # risk quantiles for `strpnet predict`
+    if ref_path is None:
+        log(WARNING, "[strpnet] no %s: %s; predictions of this model report no risk percentile",
+            RISK_REFERENCE_JSON, why)
     write_metrics(run_dir, history)
     last = history[-1] if history else {}
     scored = [r for r in history if isinstance(r.get("c_index"), float) and r["c_index"] == r["c_index"]]

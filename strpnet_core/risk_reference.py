@@ -276,30 +276,32 @@ def write_risk_reference(
 
 def write_risk_reference_from_history(
     run_dir: str | os.PathLike[str], history: Sequence[Mapping[str, Any]]
-) -> Path | None:
+) -> tuple[Path | None, str]:
     """Server side: write ``RUN_DIR/risk_reference.json`` from the pooled histogram of the last round's evaluation
     (the final global model's risks of the training patients).
 
-    Returns the path, or None (and logs why) when the last round has no histogram or an empty one (every site
-    below the minimum count, or no evaluate reply): then predictions report no percentile, and a reference that an
-    earlier end of the same run wrote (e.g. before a resume that stopped in another round) is removed, so that no
-    reference of another model stays beside the final one.
+    Returns ``(path, what was done)``, or ``(None, why not)`` when the last round has no histogram or an empty one
+    (every site below the minimum count, or no evaluate reply): then predictions report no percentile, and a
+    reference that an earlier end of the same run wrote (e.g. before a resume that stopped in another round) is
+    removed (the reason says so), so that no reference of another model stays beside the final one. The caller
+    shows the reason.
     """
     path = Path(run_dir) / RISK_REFERENCE_JSON
     last = history[-1] if history else {}
     counts = histogram_counts(last)
     if counts is None or counts.sum() <= 0:
-        why = (f"round {last.get('round')} has no risk histogram (sites below {RISK_HIST_MIN_PATIENTS} training "
-               "patients, or no evaluate reply)" if history else "no round completed")
-        log.warning("risk reference: %s; %s not written", why, path)
+        why = (f"round {last.get('round')} has no pooled risk histogram (every site had fewer than "
+               f"{RISK_HIST_MIN_PATIENTS} training patients, or none was evaluated)" if history
+               else "no round completed")
         if path.exists():
             path.unlink()
-            log.warning("risk reference: removed %s (an earlier model's)", path)
-        return None
+            why += f"; removed {path} (an earlier model's)"
+        return None, why
     sites = last.get("eval_sites")
-    write_risk_reference(path, counts, n_sites=None if sites is None else int(sites),
-                         source=f"federated run, round {last.get('round')}: training patients of the evaluated sites")
-    return path
+    ref = write_risk_reference(path, counts, n_sites=None if sites is None else int(sites),
+                               source=f"federated run, round {last.get('round')}: training patients of the "
+                               "evaluated sites")
+    return path, f"{path}: {ref.n_patients} training patients of {ref.n_sites} site(s)"
 
 
 def load_risk_reference(path: str | os.PathLike[str]) -> RiskReference:

@@ -265,14 +265,17 @@ def test_reference_file_and_percentile(tmp_path: Path) -> None:
 
 def test_server_writes_the_reference_from_the_last_round(tmp_path: Path) -> None:
     row = {"round": 3, "eval_sites": 2.0, **{k: 0.0 for k in RISK_HIST_KEYS}}
-    assert write_risk_reference_from_history(tmp_path, [row]) is None  # every site below the minimum count
+    path, why = write_risk_reference_from_history(tmp_path, [row])
+    assert path is None and "round 3 has no pooled risk histogram" in why  # every site below the minimum count
     assert not (tmp_path / RISK_REFERENCE_JSON).exists()
     row2 = dict(row, **site_risk_histogram(np.linspace(-2, 2, 30)))
-    path = write_risk_reference_from_history(tmp_path, [row, row2])
+    path, why = write_risk_reference_from_history(tmp_path, [row, row2])
+    assert path is not None and "30 training patients of 2 site(s)" in why
     ref = load_risk_reference(path)
     assert ref.n_patients == 30 and ref.n_sites == 2 and "round 3" in ref.source
     # the same run resumed and ended in a round without a histogram: the earlier model's reference is removed
-    assert write_risk_reference_from_history(tmp_path, [row, row2, dict(row, round=4)]) is None
+    gone, why = write_risk_reference_from_history(tmp_path, [row, row2, dict(row, round=4)])
+    assert gone is None and "round 4" in why and "(an earlier model's)" in why
     assert not path.exists()
 
 
