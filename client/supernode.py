@@ -154,6 +154,7 @@ def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Pa
                        state: Path) -> int:
     """Prepare the cache (unless ``--skip-prepare``), then run the SuperNode with Flower home ``state``, restarting
     it while it fails to join for ``--retry-seconds``; returns its exit code."""
+    from strpnet_core.dataset import PatientDataset
     from strpnet_core.federation import flower_env, free_port, prepare_site_cache, stop_process
 
     if not args.skip_prepare:
@@ -162,6 +163,8 @@ def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Pa
                                   workers=args.workers, progress=sys.stderr.isatty(), refresh=True)
         log.info("site %s: %d patient(s) ready in %s (%.0f s)", site_name, info.num_patients, cache_dir,
                  time.monotonic() - t0)
+        # A site folder without outcomes.csv preprocesses (for inference) but cannot train: say so before joining.
+        PatientDataset(cache_dir, require_outcome=True)
     port = args.port or free_port()
     cmd = supernode_command(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir, port=port)
     stopping: list[int] = []

@@ -169,6 +169,13 @@ def load_cache_header(path: str | os.PathLike[str]) -> CacheHeader:
     return CacheHeader(str(meta["patient_id"]), meta["event"], meta["time"], meta["meta"], has_recurrence)
 
 
+def has_outcome(path: str | os.PathLike[str]) -> bool:
+    """Whether a cache file's patient has a known outcome (``event`` and ``time`` not None); reads the header only.
+    ValueError naming the file as :func:`load_cache_header`."""
+    head = load_cache_header(path)
+    return head.event is not None and head.time is not None
+
+
 def load_cached_patient(path: str | os.PathLike[str]) -> CachedPatient:
     """Read a cache file written by :func:`save_cached_patient`.
 

@@ -6,6 +6,7 @@ Files are read lazily, one patient per ``__getitem__``: memory holds only the pa
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import CACHE_SUFFIX, CachedPatient, load_cached_patient, usable_cache_files
+from .cache import CACHE_SUFFIX, CachedPatient, has_outcome, load_cached_patient, usable_cache_files
 
 __all__ = ["PatientDataset", "collate_patients", "select_timepoints", "BATCH_KEYS"]
 
@@ -25,6 +26,8 @@ BATCH_KEYS: tuple[str, ...] = (
 )
 
 PathLike = str | os.PathLike[str]
+
+log = logging.getLogger(__name__)
 
 
 def select_timepoints(num_timepoints: int, max_timepoints: int | None) -> list[int]:
@@ -84,12 +87,16 @@ class PatientDataset(Dataset[dict[str, Any]]):
         Keep at most this many timepoints per patient (see :func:`select_timepoints`); None keeps all.
     dtype:
         Floating dtype of ``images``, ``days``, masks and outcome tensors.
+    require_outcome:
+        Training and evaluation: leave out (with one warning giving their number) the patients whose cache file
+        holds no outcome (``event``/``time`` None: the site folder had no ``outcomes.csv``, which preprocessing
+        allows for inference), who would otherwise count as censored at day 0.
 
     Raises
     ------
     ValueError
-        A path that is neither a cache folder nor a cache file, no cache file at all, ``max_timepoints < 1``,
-        or a non-floating ``dtype``.
+        A path that is neither a cache folder nor a cache file, no cache file at all (with ``require_outcome``:
+        none with an outcome), ``max_timepoints < 1``, or a non-floating ``dtype``.
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class PatientDataset(Dataset[dict[str, Any]]):
         *,
         max_timepoints: int | None = None,
         dtype: torch.dtype = torch.float32,
+        require_outcome: bool = False,
     ) -> None:
         if max_timepoints is not None and (isinstance(max_timepoints, bool) or not isinstance(max_timepoints, int)
                                            or max_timepoints < 1):
@@ -108,6 +116,18 @@ class PatientDataset(Dataset[dict[str, Any]]):
         if not self.files:
             raise ValueError(f"no cache file ({CACHE_SUFFIX}) found in {paths_or_cache_dir!r}: a cache folder is what "
                              "`strpnet preprocess SITE_DIR --out CACHE_DIR` writes (a raw site folder is not one)")
+        if require_outcome:
+            found = len(self.files)
+            # folders only, never the files' (patient) names: the message may leave a site as an error reply
+            where = ", ".join(sorted({str(f.parent) for f in self.files}))
+            self.files = [f for f in self.files if has_outcome(f)]
+            if not self.files:
+                raise ValueError(f"none of the {found} patient(s) in {where} has an outcome (event, time): the site "
+                                 "folder had no outcomes.csv when it was preprocessed; training and evaluation need "
+                                 "one (docs/data-format.md), inference (`strpnet predict`) does not")
+            if len(self.files) < found:
+                log.warning("%d of %d patient(s) in %s have no outcome (no outcomes.csv row when preprocessed): "
+                            "left out of training and evaluation", found - len(self.files), found, where)
         self.max_timepoints = max_timepoints
         self.dtype = dtype
 

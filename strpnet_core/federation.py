@@ -573,7 +573,7 @@ def load_site_dataset(cache_dir: str | os.PathLike[str]) -> Any:
         good = usable_cache_files(cache_dir)
         if not good:
             raise NoUsablePatientError(Path(cache_dir).name, len(list_cache(cache_dir)), cache_dir)
-        _DATASETS[key] = PatientDataset(good)
+        _DATASETS[key] = PatientDataset(good, require_outcome=True)
     return _DATASETS[key]
 
 

@@ -102,8 +102,9 @@ def train_command(args: argparse.Namespace) -> int:
         w_cox=args.w_cox, pos_weight=args.pos_weight, risk_memory=args.risk_memory, seed=args.seed,
         device=args.device, precision=args.precision, num_threads=args.num_threads,
     )
-    train_set = PatientDataset(args.cache, max_timepoints=args.max_timepoints)
-    val_set = PatientDataset(args.val_cache, max_timepoints=args.max_timepoints) if args.val_cache else None
+    train_set = PatientDataset(args.cache, max_timepoints=args.max_timepoints, require_outcome=True)
+    val_set = (PatientDataset(args.val_cache, max_timepoints=args.max_timepoints, require_outcome=True)
+               if args.val_cache else None)
     seed_everything(args.seed)
     model = STRPNet(model_cfg)
     progress = not args.no_progress

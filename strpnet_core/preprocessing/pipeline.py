@@ -761,6 +761,9 @@ def preprocess_site(
     # Outcomes are required (and scans after the recurrence dropped by the validator) when the site has them;
     # an inference site without outcomes.csv is preprocessed too.  Voxels are checked when each image is read.
     has_outcomes = (Path(site_dir) / OUTCOMES_CSV).exists()
+    if not has_outcomes:
+        log.warning("%s has no %s: preprocessed for inference only (training and evaluation leave out patients "
+                    "without an outcome)", site_dir, OUTCOMES_CSV)
     index = validate_site(site_dir, require_outcomes=has_outcomes, check_voxels=False, progress=progress)
     problems = [str(p) for p in index.problems]
     results: dict[str, PatientResult] = {}

@@ -38,6 +38,19 @@ def caches(tmp_path: Path) -> tuple[Path, Path]:
     return a, b
 
 
+def test_training_leaves_out_patients_without_outcome(caches: tuple[Path, Path],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A site preprocessed without outcomes.csv (allowed for inference) must not train as censored at day 0."""
+    a, b = caches
+    assert len(PatientDataset([a, b])) == 4  # inference: every patient
+    ds = PatientDataset([a, b], require_outcome=True)
+    assert [ds[i]["patient_id"] for i in range(len(ds))] == ["A-000", "A-001", "A-002"]
+    assert "1 of 4 patient(s)" in caplog.text and "left out of training" in caplog.text
+    with pytest.raises(ValueError, match=r"none of the 1 patient\(s\) in .*site-02 has an outcome") as err:
+        PatientDataset(b, require_outcome=True)
+    assert "B-001" not in str(err.value)  # no patient name in a message that may leave the site
+
+
 def test_items_follow_the_cache(caches: tuple[Path, Path]) -> None:
     a, _ = caches
     ds = PatientDataset(a)
