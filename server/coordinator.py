@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sites needed to start and in every round (default: the number of --site-key)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR's checkpoint")
     p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a run-config key (repeatable), e.g. -c local-epochs=2")
+                   help="override a run-config key (repeatable; one -c may hold several, space-separated), e.g. "
+                   "-c local-epochs=2")
     p.add_argument("--app-dir", metavar="DIR", help="the Flower app (default: this installation's source root)")
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="bound on the whole run in seconds")
     p.add_argument("--verbose-flower", action="store_true", help="show Flower's full log (default: progress lines)")

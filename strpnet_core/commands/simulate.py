@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the checkpoint of --out RUN_DIR after an interruption (give the same settings)")
     p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a run-config key, e.g. -c local-epochs=2 -c lr=0.0005 (repeatable)")
+                   help="override a run-config key, e.g. -c local-epochs=2 -c lr=0.0005 (repeatable; one -c may hold "
+                   "several, space-separated)")
     p.add_argument("--timeout", type=float, default=6 * 3600.0, help="bound on the federated run in seconds")
     p.add_argument("--verbose-flower", action="store_true", help="show Flower's full log")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -58,10 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"BCE positive-class weight (default {tdef.pos_weight:g})")
     p.add_argument("--risk-memory", type=int, default=tdef.risk_memory,
                    help=f"Cox risk-set memory size (default {tdef.risk_memory})")
-    p.add_argument("--max-timepoints", type=int, default=None, help="keep at most this many scans per patient")
+    p.add_argument("--max-timepoints", type=int, default=None, help="keep at most this many scans per patient (default: all)")
     p.add_argument("--device", default=tdef.device, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default=tdef.precision, choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on a CPU with native bf16 (else fp32), bf16/fp16 on CUDA")
+                   help="auto: bf16 autocast on a CPU with native bf16 (else fp32), bf16/fp16 on CUDA (default auto)")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing RUN_DIR/final_model.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
