@@ -359,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     # autocast (oneDNN, AVX512-BF16 CPUs) gave gradients that differ from run to run and were sometimes inf (the
     # site's train step then refuses the step: measured 2026-12-07; deterministic at 24^3 and above, fp32 always).
     overrides = {"val-fraction": 0.5, "precision": "fp32", **parse_overrides(args.run_config)}
+    from strpnet_core.federation import MIN_EVAL_PATIENTS, split_indices
+
+    n_train = len(split_indices(args.patients, float(overrides["val-fraction"]), 0, "site-01")[0])
+    if n_train < MIN_EVAL_PATIENTS:
+        ap.error(f"--patients {args.patients}: a site would train on {n_train} patient(s), fewer than the small-count "
+                 f"rule's {MIN_EVAL_PATIENTS}, which zeroes the training seconds this benchmark reports; give more")
     counts = [int(x) for x in args.sites.split(",")]
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-federation-"))
     results = []
@@ -392,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.timepoints} scans, GPUs per site: {'shared' if args.gpus_per_site is None else args.gpus_per_site})")
     print(f"{'sites':>5} {'wall s':>8} {'s/round':>8} {'peak RSS MB':>12} {'CUDA share':>10}")
     for n, wall, peak, rows in results:
-        cuda = np.mean([r.get("train_cuda", 0.0) for r in rows])
+        cuda = np.mean([r.get("train_cuda") or 0.0 for r in rows])  # null: every site below the small-count rule
         print(f"{n:>5} {wall:>8.1f} {np.mean([r['round_seconds'] for r in rows]):>8.1f} {peak / 2**20:>12.0f} "
               f"{cuda:>10.2f}")
     print(f"\nruns in {base}")

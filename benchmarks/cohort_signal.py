@@ -19,6 +19,7 @@ value means an earlier recurrence in the generator's model (e.g. ``-m / L``: a s
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -55,10 +56,10 @@ def scores(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__)
-        return 2
-    cohorts = [Path(p) for p in argv]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cohorts", nargs="+", type=Path, metavar="COHORT_DIR",
+                    help="a cohort of `strpnet synth` (or `strpnet simulate`'s RUN_DIR/data)")
+    cohorts = ap.parse_args(argv).cohorts
     tables = []
     for c in cohorts:
         rows = _rows(c)

@@ -57,7 +57,7 @@ from strpnet_core.federation import (
     LIST_REPLY_KEYS,
     MIN_EVAL_PATIENTS,
     NUM_EXAMPLES_KEY,
-    TRAIN_METRIC_PREFIX,
+    TRAIN_CUDA_KEY,
     TRAIN_REPLY_KEYS,
     TRAIN_SUPPRESSED_KEY,
 )
@@ -340,7 +340,7 @@ def suppress_small_training(
     n = int(out.get(NUM_EXAMPLES_KEY, 0))
     if not 0 < n < min_patients:
         return out
-    kept = (NUM_EXAMPLES_KEY, f"{TRAIN_METRIC_PREFIX}cuda", TRAIN_SUPPRESSED_KEY)
+    kept = (NUM_EXAMPLES_KEY, TRAIN_CUDA_KEY, TRAIN_SUPPRESSED_KEY)
     zeroed = [k for k in out if k not in kept]
     for key in zeroed:
         out[key] = 0.0

@@ -83,6 +83,7 @@ TRAIN_METRIC_PREFIX = "train-"
 #: the site trained on a CUDA GPU, 0 on the CPU; its example-weighted mean is the share of the round's training
 #: patients that went through a GPU; ``train-suppressed``: 1 when the site's small-count rule zeroed its means).
 TRAIN_SUPPRESSED_KEY = f"{TRAIN_METRIC_PREFIX}suppressed"
+TRAIN_CUDA_KEY = f"{TRAIN_METRIC_PREFIX}cuda"
 TRAIN_REPLY_KEYS: tuple[str, ...] = (
     NUM_EXAMPLES_KEY,
     *(f"{TRAIN_METRIC_PREFIX}{name}" for name in ("loss", "seconds", "cuda", "dice", "bce", "cox")),
@@ -667,7 +668,7 @@ def train_metrics(
         NUM_EXAMPLES_KEY: int(num_examples),
         f"{TRAIN_METRIC_PREFIX}loss": float(loss),
         f"{TRAIN_METRIC_PREFIX}seconds": float(seconds),
-        f"{TRAIN_METRIC_PREFIX}cuda": 1.0 if cuda else 0.0,
+        TRAIN_CUDA_KEY: 1.0 if cuda else 0.0,
         TRAIN_SUPPRESSED_KEY: 0.0,
     }
     for name in sorted(parts):
@@ -862,7 +863,9 @@ def pool_train_metrics(replies: Sequence[Mapping[str, float | int]],
 
     ``mean_x = sum_k n_k (1 - s_k) x_k / sum_k n_k (1 - s_k)`` with ``n_k`` = ``num-examples`` and ``s_k`` =
     ``train-suppressed`` (1: the site's small-count rule zeroed its means; absent: 0); NaN when no site counts.
-    ``num-examples`` is summed over all sites and ``train-suppressed`` becomes the number of suppressed sites.
+    ``num-examples`` is summed over all sites and ``train-suppressed`` becomes the number of suppressed sites;
+    ``train-cuda`` (which the rule keeps: a share of patients, not a value of theirs) is weighted by ``n_k`` over
+    every site, the share of all the round's training patients that went through a GPU.
     """
     check_reply_keys(replies, (NUM_EXAMPLES_KEY, f"{TRAIN_METRIC_PREFIX}loss"), what="train", names=names)
     weights = [float(r[NUM_EXAMPLES_KEY]) * (1.0 - float(r.get(TRAIN_SUPPRESSED_KEY, 0.0))) for r in replies]
@@ -874,6 +877,9 @@ def pool_train_metrics(replies: Sequence[Mapping[str, float | int]],
             continue
         if key == TRAIN_SUPPRESSED_KEY:
             out[key] = math.fsum(float(r[key]) for r in replies)
+        elif key == TRAIN_CUDA_KEY:
+            out[key] = math.fsum(float(r[key]) * float(r[NUM_EXAMPLES_KEY]) for r in replies) / out[NUM_EXAMPLES_KEY] \
+                if out[NUM_EXAMPLES_KEY] > 0 else math.nan
         elif total > 0:
             out[key] = math.fsum(float(r[key]) * w for r, w in zip(replies, weights, strict=True)) / total
         else:

@@ -157,6 +157,12 @@ class Study:
         simulate(run_dir, data=None, cache=self.train_cache_root, sites=self.cfg.n_sites, rounds=self.cfg.rounds,
                  preset=self.cfg.preset, seed=seed, workers=self.workers, resume=run_dir.exists(),
                  overrides=self.cfg.fl_overrides(), progress=self.progress)
+        # A round in which no site trained leaves the initial weights: such a model must not enter the comparison.
+        rows = json.loads((run_dir / "metrics.json").read_text())
+        idle = [r["round"] for r in rows if not r.get("train_sites")]
+        if idle:
+            raise RuntimeError(f"FL seed {seed}: no site trained in round(s) {idle} (train failures "
+                               f"{[r.get('train_failures') for r in rows]}); the sites' errors are in {run_dir}/flower")
         return run_dir / "final_model.pt"
 
     def train_pooled(self, name: str, caches: list[Path], seed: int) -> Path:

@@ -268,7 +268,9 @@ def test_small_training_split_sends_zero_means_and_the_server_leaves_it_out() ->
     pooled = pool_train_metrics([out, three])
     assert pooled[NUM_EXAMPLES_KEY] == 4 and pooled["train-suppressed"] == 1
     assert pooled["train-loss"] == pytest.approx(0.9) and pooled["train-dice"] == pytest.approx(0.4)
-    assert math.isnan(pool_train_metrics([out])["train-loss"])
+    assert pooled["train-cuda"] == pytest.approx(0.25)  # 1 of the 4 training patients went through a GPU
+    alone = pool_train_metrics([out])
+    assert math.isnan(alone["train-loss"]) and alone["train-cuda"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
