@@ -17,11 +17,14 @@ so that a resumed run trains exactly like an uninterrupted one.
 from __future__ import annotations
 
 import logging
+from logging import WARNING
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.logger import log as flwr_log
 
+from strpnet_core.environment import coordinator_versions, library_versions, version_differences
 from strpnet_core.federation import FederationConfig, local_evaluate, local_train
 
 from .audit import (
@@ -50,11 +53,22 @@ def _global_round(msg: Message) -> int:
     return int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
 
 
+def _say_version_differences(msg: Message, site_name: str) -> None:
+    """Warn in the site's log when its libraries differ from the coordinator's (sent with the train message)."""
+    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    theirs = coordinator_versions(config)
+    if theirs is not None and (diff := version_differences(library_versions(), theirs)):
+        flwr_log(WARNING, "[strpnet] site %s: libraries differ from the coordinator's: %s (this site's results are not "
+            "bit-identical to the others'; install the coordinator's versions: docs/deployment.md, section 1)",
+            site_name, "; ".join(diff))
+
+
 @app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data and reply with weights and metrics."""
     cfg = FederationConfig.from_run_config(context.run_config)
     site = ready_site(context.node_config, cfg)
+    _say_version_differences(msg, site.site_name)
     weights, metrics = local_train(
         msg.content["arrays"].to_torch_state_dict(),
         site.cache_dir,

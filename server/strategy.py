@@ -33,6 +33,7 @@ of the round: rejected or missing sites do not shrink the noise below what the m
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -55,6 +56,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
+from strpnet_core.environment import CONFIG_KEY as VERSIONS_KEY
+from strpnet_core.environment import library_versions
 from strpnet_core.federation import (
     AGGREGATIONS,
     DP_MODES,
@@ -74,6 +77,9 @@ from .update_checks import (
     majority_keys,
     metric_keys,
 )
+
+#: This coordinator's library versions (JSON), sent with every train message.
+_COORDINATOR_VERSIONS = json.dumps(library_versions(), sort_keys=True)
 
 #: Relative slack of the server's check that a client-side clipped update has norm <= C (float32 rounding).
 _CLIP_SLACK = 1e-3
@@ -248,6 +254,8 @@ class STRPNetStrategyMixin:
                                           min_nodes=self.min_train_nodes if train  # type: ignore[attr-defined]
                                           else self.min_evaluate_nodes)  # type: ignore[attr-defined]
         config["server-round"] = server_round
+        if train:  # each site compares them with its own libraries (strpnet_core.environment)
+            config[VERSIONS_KEY] = _COORDINATOR_VERSIONS
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})  # type: ignore[attr-defined]
         return self._construct_messages(record, nodes,  # type: ignore[attr-defined]
                                         MessageType.TRAIN if train else MessageType.EVALUATE)
