@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-key", action="append", default=[], metavar="SITE.pub",
                    help="public key of a site allowed to join (repeat per site)")
     p.add_argument("--revoke-missing", action="store_true",
-                   help="unregister the site keys registered at an earlier start that are no longer given with "
-                   "--site-key (without it, such keys stop the start; cannot be undone: the site needs a new key pair)")
+                   help="unregister the site keys the SuperLink's database admits that are not given with --site-key "
+                   "(without it, such keys stop the start; cannot be undone: the site needs a new key pair)")
     p.add_argument("--no-auth", action="store_true",
                    help="let any SuperNode join (no node authentication; testing only; prints a warning)")
     p.add_argument("--host", default="127.0.0.1",
@@ -74,26 +74,19 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise _Stopped(signum)
 
 
-def _sync_site_keys(keys: list[Path], flwr_home: Path, record: Path, *, fresh_database: bool,
-                    revoke_missing: bool) -> None:
-    """Register ``keys`` and revoke recorded keys no longer given (:func:`server.site_keys.sync_site_keys`); log it."""
+def _sync_site_keys(keys: list[Path], flwr_home: Path, database: Path, *, revoke_missing: bool) -> None:
+    """Register ``keys``, revoke admitted keys no longer given when asked (:func:`server.site_keys.sync_site_keys`);
+    log what was done."""
     from .site_keys import sync_site_keys
 
-    done = sync_site_keys(keys, flwr_home, record, fresh_database=fresh_database, revoke_missing=revoke_missing)
+    done = sync_site_keys(keys, flwr_home, database, revoke_missing=revoke_missing)
     for key, node in done.registered:
         log.info("registered site key %s (node %d)", key, node)
     for key, node in done.kept:
-        log.info("site key %s was already registered%s", key, "" if node is None else f" (node {node})")
+        log.info("site key %s was already registered (node %d)", key, node)
     for key, node in done.revoked:
         log.warning("revoked site key %s (--revoke-missing): unregistered its node %d; that site can no longer "
                     "connect", key, node)
-    for key, node in done.refused:
-        log.warning("site key %s: its node %d was unregistered outside flower-server, so the SuperLink refuses "
-                    "that site; it needs a new key pair", key, node)
-    if done.unknown:
-        log.warning("the SuperLink also admits node(s) %s, registered outside flower-server or before it kept %s; "
-                    "if they are not your sites: FLWR_HOME=%s flwr supernode unregister NODE_ID strpnet",
-                    ", ".join(map(str, done.unknown)), record, flwr_home)
 
 
 def coordinate(args: argparse.Namespace) -> int:
@@ -114,7 +107,7 @@ def coordinate(args: argparse.Namespace) -> int:
         write_flwr_config,
         write_run_config,
     )
-    from .site_keys import key_fingerprint, record_path
+    from .site_keys import load_site_key
 
     if args.insecure:
         tls = None
@@ -133,7 +126,7 @@ def coordinate(args: argparse.Namespace) -> int:
     for k in keys:
         if not k.is_file():
             raise FileNotFoundError(f"--site-key {k}: no such file")
-        key_fingerprint(k)  # not a public key: stop before anything starts
+        load_site_key(k)  # not a key Flower accepts: stop before anything starts
     min_sites = max(1, len(keys)) if args.min_sites is None else args.min_sites
     if min_sites < 1:
         raise ValueError(f"--min-sites {min_sites}: at least 1 site must take part")
@@ -172,8 +165,7 @@ def coordinate(args: argparse.Namespace) -> int:
             else:
                 log.info("run %d of a previous session is %s in %s", run_id, fate, database)
         if auth:
-            _sync_site_keys(keys, flwr_home, record_path(database), fresh_database=not kept_database,
-                            revoke_missing=args.revoke_missing)
+            _sync_site_keys(keys, flwr_home, database, revoke_missing=args.revoke_missing)
         log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
 
         def show(line: str) -> None:

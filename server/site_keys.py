@@ -1,52 +1,86 @@
-"""The coordinator's site keys: register the ``--site-key`` files, revoke the ones dropped from the list.
+"""The coordinator's site keys: the ``--site-key`` list of each start is the federation.
 
-Flower 1.42 keeps registered public keys in the SuperLink's database, and its CLI lists nodes by id only (no key).
-``flower-server`` therefore records which key it registered as which node, in ``STATE_DIR/superlink.site_keys.json``
-next to the database, and checks the command line against it at every start: a key given is registered; a key recorded
-but no longer given stops the start, unless ``--revoke-missing`` asks to unregister it (``flwr supernode
-unregister``), after which the SuperLink refuses that site's SuperNode. Flower keeps an unregistered key in its
-database and never registers it again, so a revoked site rejoins with a new key pair: revocation is explicit
-because it cannot be undone, and a key left out by mistake must not let a removed site keep training either.
+Flower 1.42 keeps every registered public key in the SuperLink's database (table ``node``: the key as PEM
+SubjectPublicKeyInfo, the node id, the status), also after ``flwr supernode unregister``, and never registers a key
+it holds again; its CLI lists nodes without their keys. ``flower-server`` therefore reads that table (read-only) and
+at every start checks it against the command line before it changes anything:
+
+- a key given that the database does not hold is registered;
+- a key given whose node was unregistered (revoked) stops the start: the site needs a new key pair;
+- a key the database admits that is not given stops the start, unless ``--revoke-missing`` asks to unregister it,
+  after which the SuperLink refuses that site's SuperNode. Revocation is explicit because it cannot be undone,
+  and a key merely left out of the list must not let a removed site go on training either.
+
+Given keys are registered before missing ones are revoked, so a start that fails half-way never leaves a site
+revoked and its replacement unregistered; a start killed at any point is repeated from what the database holds.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
-import time
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strpnet_core.fsutil import atomic_write_json
-
 from .launch import CONNECTION, run_flwr
 
-
-def record_path(database: str | os.PathLike[str]) -> Path:
-    """The record of the SuperLink database ``database``: ``superlink.db`` -> ``superlink.site_keys.json``."""
-    return Path(database).with_suffix(".site_keys.json")
+#: Node status of an unregistered (revoked) node in Flower's database.
+UNREGISTERED = "unregistered"
 
 
-def key_fingerprint(public_key: str | os.PathLike[str]) -> str:
-    """Fingerprint of an OpenSSH public key file, as ``ssh-keygen -l -f KEY.pub`` prints it.
+def load_site_key(public_key: str | os.PathLike[str]) -> bytes:
+    """The bytes under which Flower stores a site's OpenSSH public key (PEM SubjectPublicKeyInfo).
 
-    ``"SHA256:" + base64(sha256(blob))`` without padding, where ``blob`` is the key's second field base64-decoded.
-    ValueError naming the file when it is not one line ``TYPE BASE64 [COMMENT]``.
+    ValueError naming the file when it is not what ``flwr supernode register`` accepts: an OpenSSH EC public key on a
+    NIST curve (``deploy/make_certs.sh`` makes P-384 keys).
     """
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
+
     path = Path(public_key)
-    fields = path.read_text(encoding="ascii", errors="replace").split()
     try:
-        if len(fields) < 2:
-            raise ValueError("fewer than two fields")
-        blob = base64.b64decode(fields[1], validate=True)
-    except (ValueError, binascii.Error) as exc:
-        raise ValueError(f"{path}: not an OpenSSH public key line 'TYPE BASE64 [COMMENT]' ({exc})") from exc
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"{path}: not an OpenSSH public key ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not uses_nist_ec_curve(key):
+        raise ValueError(f"{path}: not an EC public key on a NIST curve, which Flower's node authentication needs "
+                         "(deploy/make_certs.sh --site NAME --keys-only makes one)")
+    return public_key_to_bytes(key)
+
+
+def fingerprint(pem: bytes) -> str:
+    """``SHA256:...`` of a stored key, as ``ssh-keygen -l -f SITE.pub`` prints it for the key's file:
+    ``base64(sha256(blob))`` without padding, ``blob`` the OpenSSH wire form of the key."""
+    from cryptography.hazmat.primitives import serialization
+
+    line = serialization.load_pem_public_key(pem).public_bytes(serialization.Encoding.OpenSSH,
+                                                                serialization.PublicFormat.OpenSSH)
+    blob = base64.b64decode(line.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def stored_keys(database: str | os.PathLike[str]) -> dict[bytes, tuple[int, str]]:
+    """Flower's node table, read-only: stored public key -> (node id, status); empty when there is no database."""
+    from flwr.supercore.utils import int64_to_uint64
+
+    path = Path(database)
+    if not path.is_file():
+        return {}
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute("SELECT public_key, node_id, status FROM node WHERE public_key IS NOT NULL").fetchall()
+    except sqlite3.Error as exc:
+        raise RuntimeError(f"{path}: cannot read the SuperLink's registered nodes ({exc})") from exc
+    finally:
+        con.close()
+    return {bytes(pem): (int64_to_uint64(int(node_id)), str(status)) for pem, node_id, status in rows}
 
 
 def _flwr_json(args: list[str], flwr_home: str | os.PathLike[str]) -> dict[str, Any]:
@@ -62,122 +96,68 @@ def _flwr_json(args: list[str], flwr_home: str | os.PathLike[str]) -> dict[str, 
     return doc
 
 
-def register_supernode(public_key: str | os.PathLike[str], flwr_home: str | os.PathLike[str]) -> int | None:
-    """``flwr supernode register KEY.pub``: the new node's id, or None when the key is already in the database
-    (registered, or unregistered: Flower refuses a key it has seen); RuntimeError with Flower's message otherwise."""
+def register_supernode(public_key: str | os.PathLike[str], flwr_home: str | os.PathLike[str]) -> int:
+    """``flwr supernode register KEY.pub``: the new node's id; RuntimeError with Flower's message when refused."""
     doc = _flwr_json(["supernode", "register", str(public_key)], flwr_home)
-    if doc.get("success"):
-        return int(doc["node-id"])
-    message = str(doc.get("error-message", doc))
-    if "already in use" in message:
-        return None
-    raise RuntimeError(f"registering {public_key} failed: {message.strip()[-1000:]}")
-
-
-def unregister_supernode(node_id: int, flwr_home: str | os.PathLike[str]) -> bool:
-    """``flwr supernode unregister NODE_ID``: True when it unregistered the node, False when the SuperLink does not
-    know it (already unregistered); RuntimeError with Flower's message otherwise."""
-    doc = _flwr_json(["supernode", "unregister", str(node_id)], flwr_home)
-    if doc.get("success"):
-        return True
-    message = str(doc.get("error-message", doc))
-    if "not found" in message.lower():
-        return False
-    raise RuntimeError(f"unregistering node {node_id} failed: {message.strip()[-1000:]}")
-
-
-def listed_nodes(flwr_home: str | os.PathLike[str]) -> dict[int, str]:
-    """Every node of the SuperLink (``flwr supernode list``): node id -> status (registered, online, offline,
-    unregistered)."""
-    doc = _flwr_json(["supernode", "list"], flwr_home)
     if not doc.get("success"):
-        raise RuntimeError(f"flwr supernode list failed: {doc.get('error-message', doc)}")
-    return {int(n["node-id"]): str(n.get("status", "")) for n in doc.get("nodes", [])}
+        raise RuntimeError(f"registering {public_key} failed: {str(doc.get('error-message', doc)).strip()[-1000:]}")
+    return int(doc["node-id"])
+
+
+def unregister_supernode(node_id: int, flwr_home: str | os.PathLike[str]) -> None:
+    """``flwr supernode unregister NODE_ID``; a node already unregistered is fine, any other refusal a
+    RuntimeError with Flower's message."""
+    doc = _flwr_json(["supernode", "unregister", str(node_id)], flwr_home)
+    message = str(doc.get("error-message", doc))
+    if not doc.get("success") and "not found" not in message.lower():
+        raise RuntimeError(f"unregistering node {node_id} failed: {message.strip()[-1000:]}")
 
 
 @dataclass
 class KeySync:
-    """What :func:`sync_site_keys` did; every path is a ``--site-key`` file, every int a node id."""
+    """What :func:`sync_site_keys` did: ``(key file, node id)`` pairs, revoked ones as ``(fingerprint, node id)``."""
 
     registered: list[tuple[str, int]] = field(default_factory=list)
-    """Keys registered now."""
-    kept: list[tuple[str, int | None]] = field(default_factory=list)
-    """Keys already registered (node id None: registered before this record existed)."""
+    kept: list[tuple[str, int]] = field(default_factory=list)
     revoked: list[tuple[str, int]] = field(default_factory=list)
-    """Recorded keys no longer given: unregistered now (the recorded path of the key)."""
-    unknown: list[int] = field(default_factory=list)
-    """Nodes the SuperLink admits that no given key accounts for (registered by hand, or before this record)."""
-    refused: list[tuple[str, int]] = field(default_factory=list)
-    """Given keys whose node was unregistered outside ``flower-server``: the SuperLink refuses them."""
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def sync_site_keys(keys: Sequence[str | os.PathLike[str]], flwr_home: str | os.PathLike[str],
-                   record: str | os.PathLike[str], *, fresh_database: bool, revoke_missing: bool = False) -> KeySync:
-    """Make the running SuperLink admit exactly the sites of ``keys``, as far as this record knows them.
-
-    Recorded keys not in ``keys`` are unregistered with ``revoke_missing``, else nothing is changed and ValueError
-    names them.
-
-    The record (JSON: ``registered`` and ``revoked``, each fingerprint -> ``{"node_id", "key", "at"}``) is
-    rewritten atomically after every change, so a coordinator killed half-way leaves it true. With
-    ``fresh_database`` (the SuperLink started on a new database) an earlier record is ignored.
+                   database: str | os.PathLike[str], *, revoke_missing: bool = False) -> KeySync:
+    """Make the running SuperLink (state in ``database``) admit exactly the sites of ``keys`` (module docstring).
 
     Raises
     ------
     ValueError
-        A key that this coordinator revoked earlier (Flower never registers it again: the site needs a new key
-        pair), a recorded key missing from ``keys`` without ``revoke_missing``, or a file that is no OpenSSH
-        public key; nothing is changed then.
+        Before any change: a key that is no usable public key, a key given whose node was unregistered, or (without
+        ``revoke_missing``) an admitted key that is not given; the message names each by file or by fingerprint
+        (``ssh-keygen -l -f SITE.pub`` prints the same) and node id.
     RuntimeError
-        Flower refused a registration or an unregistration (its message).
+        Flower refused a registration or an unregistration (its message), or the database cannot be read.
     """
-    path = Path(record)
-    doc: dict[str, dict[str, dict[str, Any]]] = {"registered": {}, "revoked": {}}
-    if path.is_file() and not fresh_database:
-        try:
-            loaded = json.loads(path.read_text())
-            doc = {k: dict(loaded.get(k, {})) for k in doc}
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise ValueError(f"{path}: unreadable record of registered site keys ({exc}); "
-                             "move it away to start a new one") from exc
-    given: dict[str, str] = {}
+    given: dict[bytes, str] = {}
     for k in keys:
-        given.setdefault(key_fingerprint(k), str(Path(k).resolve()))
-    for fp, key in given.items():
-        if fp in doc["revoked"]:
-            old = doc["revoked"][fp]
-            raise ValueError(f"--site-key {key}: this key ({fp}) was revoked at {old['at']} (node {old['node_id']}); "
-                             "Flower never admits a revoked key again: the site makes a new key pair "
-                             "(deploy/make_certs.sh DIR --site NAME --keys-only --force)")
-    missing = [fp for fp in doc["registered"] if fp not in given]
+        given.setdefault(load_site_key(k), str(Path(k).resolve()))
+    stored = stored_keys(database)
+    revoked = [f"{key} (node {stored[pem][0]})" for pem, key in given.items()
+               if pem in stored and stored[pem][1] == UNREGISTERED]
+    if revoked:
+        raise ValueError(f"--site-key {'; '.join(revoked)}: this key was unregistered (revoked) in {database}, and "
+                         "Flower never admits a key again: the site makes a new key pair (deploy/make_certs.sh DIR "
+                         "--site NAME --keys-only --force)")
+    missing = {pem: node for pem, (node, status) in stored.items() if status != UNREGISTERED and pem not in given}
     if missing and not revoke_missing:
-        named = "; ".join(f"{doc['registered'][fp]['key']} (node {doc['registered'][fp]['node_id']}, {fp})"
-                          for fp in missing)
-        raise ValueError(f"site key(s) registered here earlier are not given: {named}. Give them again with "
-                         "--site-key, or add --revoke-missing to unregister them (cannot be undone: the site would "
-                         "need a new key pair)")
+        named = "; ".join(f"node {node} ({fingerprint(pem)})" for pem, node in missing.items())
+        raise ValueError(f"the SuperLink of {database} admits site key(s) that are not given with --site-key: "
+                         f"{named}. Give them again, or add --revoke-missing to unregister them (cannot be undone: "
+                         "the site would need a new key pair); `ssh-keygen -l -f SITE.pub` prints a key's fingerprint")
     done = KeySync()
-    for fp in missing:
-        entry = doc["registered"].pop(fp)
-        unregister_supernode(int(entry["node_id"]), flwr_home)
-        doc["revoked"][fp] = {**entry, "at": _now()}
-        atomic_write_json(path, doc)
-        done.revoked.append((str(entry["key"]), int(entry["node_id"])))
-    for fp, key in given.items():
-        node_id = register_supernode(key, flwr_home)
-        if node_id is None:
-            known = doc["registered"].get(fp)
-            done.kept.append((key, None if known is None else int(known["node_id"])))
-            continue
-        doc["registered"][fp] = {"node_id": node_id, "key": key, "at": _now()}
-        atomic_write_json(path, doc)
-        done.registered.append((key, node_id))
-    statuses = listed_nodes(flwr_home)
-    mine = {int(e["node_id"]) for e in doc["registered"].values()}
-    done.unknown = sorted(n for n, status in statuses.items() if status != "unregistered" and n not in mine)
-    done.refused = [(key, n) for key, n in done.kept if n is not None and statuses.get(n) == "unregistered"]
+    for pem, key in given.items():
+        if pem in stored:
+            done.kept.append((key, stored[pem][0]))
+        else:
+            done.registered.append((key, register_supernode(key, flwr_home)))
+    for pem, node in missing.items():
+        unregister_supernode(node, flwr_home)
+        done.revoked.append((fingerprint(pem), node))
     return done
