@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from strpnet_core.cache import CachedPatient, cache_path, save_cached_patient  # noqa: E402
 from strpnet_core.commands.simulate import simulate  # noqa: E402
+from server.launch import strip_ansi  # noqa: E402
 
 
 def write_caches(root: Path, sites: int, patients: int, size: int, seed: int = 0, *, timepoints: int = 2,
@@ -145,15 +146,12 @@ def _start_logged(cmd: list[str], log: Path, env: dict[str, str], t0: float,
     return proc
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
 def _timed_lines(log: Path) -> list[tuple[float, str]]:
     out = []
     for line in log.read_text(errors="replace").splitlines():
         t, _, rest = line.lstrip().partition(" ")
         try:
-            out.append((float(t), _ANSI.sub("", rest)))
+            out.append((float(t), strip_ansi(rest)))
         except ValueError:
             continue
     return out

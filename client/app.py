@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from logging import WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -48,15 +49,19 @@ TRAIN_MODS: list[Mod] = [dp_clipping_mod]  # clips the update only when the serv
 app = ClientApp(mods=CLIENT_MODS)
 
 
+def _config(msg: Message) -> Any:
+    """The message's config record (empty when it has none)."""
+    return msg.content["config"] if "config" in msg.content.config_records else {}
+
+
 def _global_round(msg: Message) -> int:
-    config = msg.content["config"] if "config" in msg.content.config_records else {}
+    config = _config(msg)
     return int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
 
 
 def _say_version_differences(msg: Message, site_name: str) -> None:
     """Warn in the site's log when its libraries differ from the coordinator's (sent with the train message)."""
-    config = msg.content["config"] if "config" in msg.content.config_records else {}
-    theirs = coordinator_versions(config)
+    theirs = coordinator_versions(_config(msg))
     if theirs is not None and (diff := version_differences(library_versions(), theirs)):
         flwr_log(WARNING, "[strpnet] site %s: libraries differ from the coordinator's: %s (this site's results are not "
             "bit-identical to the others'; install the coordinator's versions: docs/deployment.md, section 1)",

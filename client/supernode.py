@@ -141,7 +141,9 @@ def run_site(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else Path.home() / ".cache" / "strpnet" / site_name
     node_config(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir)  # bad values fail before the work
     state = Path(args.state_dir).resolve() if args.state_dir else cache_dir / ".flower"
-    private_dir(cache_dir)  # before the lock creates it: closed to other users (preprocessing warns about an open one)
+    open_to_others = private_dir(cache_dir)  # before the lock creates it: closed to other users
+    if open_to_others and args.skip_prepare:  # else preprocessing says it
+        log.warning("%s", open_to_others)
     # One flower-client per Flower home: a second one would share FLWR_HOME, and the reaper of whichever SuperNode
     # exits first stops every process of that home, the other site's SuperNode included.
     with exclusive_lock(state / STATE_LOCK, timeout_s=0.0,

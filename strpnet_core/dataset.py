@@ -118,7 +118,7 @@ class PatientDataset(Dataset[dict[str, Any]]):
                              "`strpnet preprocess SITE_DIR --out CACHE_DIR` writes (a raw site folder is not one)")
         if require_outcome:
             found = len(self.files)
-            # folders only, never the files' (patient) names: the message may leave a site as an error reply
+            # folders and counts only: no patient's name in the site's log line or error
             where = ", ".join(sorted({str(f.parent) for f in self.files}))
             self.files = [f for f in self.files if has_outcome(f)]
             if not self.files:

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from importlib import metadata
 
 #: Distributions whose versions are compared (plus Python's ``major.minor``).
-TRACKED: tuple[str, ...] = ("strpnet-fed", "flwr", "torch", "monai", "SimpleITK", "numpy", "scipy")
+#: strpnet-fed itself is not among them: a run ships its code to every site (the FAB), whatever a site installed.
+TRACKED: tuple[str, ...] = ("flwr", "torch", "monai", "SimpleITK", "numpy", "scipy")
 
 #: Key of the coordinator's versions (a JSON object) in a train message's config.
 CONFIG_KEY = "library-versions"

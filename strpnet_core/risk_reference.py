@@ -301,7 +301,8 @@ def write_risk_reference_from_history(
     ref = write_risk_reference(path, counts, n_sites=None if sites is None else int(sites),
                                source=f"federated run, round {last.get('round')}: training patients of the "
                                "evaluated sites")
-    return path, f"{path}: {ref.n_patients} training patients of {ref.n_sites} site(s)"
+    of = "" if ref.n_sites is None else f" of {ref.n_sites} site(s)"
+    return path, f"{path}: {ref.n_patients} training patients{of}"
 
 
 def load_risk_reference(path: str | os.PathLike[str]) -> RiskReference:

@@ -180,7 +180,7 @@ class Study:
         fed = self.fed_config(seed)
         train_cfg = dataclasses.replace(fed.train_config(), local_epochs=self.cfg.epochs, num_threads=self.cfg.threads)
         model = build_model(fed)
-        dataset = PatientDataset(caches)
+        dataset = PatientDataset(caches, require_outcome=True)  # as the federated sites train
         train_seed = derive_seed(seed, "study", name)
         seed_everything(train_seed)
         log(f"{name} seed {seed}: {len(dataset)} patients x {self.cfg.epochs} epochs")

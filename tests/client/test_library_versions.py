@@ -57,7 +57,8 @@ def test_train_messages_carry_the_coordinator_versions_and_a_site_names_a_differ
     caplog.set_level(logging.WARNING, logger="flwr")
     monkeypatch.setattr(logging.getLogger("flwr"), "propagate", True)
     client_app._say_version_differences(sent[0], "a")
-    assert "libraries differ" not in caplog.text  # same environment
+    client_app._say_version_differences(Message(content=RecordDict(), dst_node_id=1, message_type="train"), "a")
+    assert "libraries differ" not in caplog.text  # same environment; a message without config says nothing
     older = dict(library_versions(), numpy="1.26.4")
     msg = Message(content=RecordDict({"config": ConfigRecord({CONFIG_KEY: json.dumps(older)})}), dst_node_id=1,
                   message_type="train")
