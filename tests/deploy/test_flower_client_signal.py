@@ -1,5 +1,6 @@
-"""``flower-client`` stops on SIGTERM while it waits to retry a SuperNode that could not join: no new SuperNode is
-started after the signal (a real ``flower-supernode`` against a closed port on 127.0.0.1, stopped by PID)."""
+"""A requested stop: ``flower-client`` stops on SIGTERM while it waits to retry a SuperNode that could not join (no
+new SuperNode is started after the signal; a real ``flower-supernode`` against a closed port on 127.0.0.1), and
+``flower-server`` stops with its SuperLink; both exit with 128 + the signal. Every process is stopped by PID."""
 
 from __future__ import annotations
 
@@ -31,3 +32,30 @@ def test_sigterm_during_the_retry_wait_stops_the_site(tmp_path: Path) -> None:
     text = log.read_text(errors="replace")
     assert text.count("starting the SuperNode") == 1, text[-3000:]  # none after the signal
     assert rc == 128 + signal.SIGTERM  # a requested stop, as a shell reports a process ended by SIGTERM
+
+
+def test_sigterm_stops_the_coordinator_and_its_superlink(tmp_path: Path) -> None:
+    """flower-server waiting for its sites is stopped by SIGTERM: exit 128 + 15, and its SuperLink's port is free."""
+    import socket
+
+    from deploy_helpers import REPO
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    cmd = console_command("flower-server", "server.coordinator") + [
+        "--insecure", "--no-auth", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "state"),
+        "--run-dir", str(tmp_path / "run"), "--rounds", "1", "--min-sites", "1", "--timeout", "120",
+        "--app-dir", str(REPO)]
+    proc = start_logged(cmd, log, flower_env(tmp_path / "home"))
+    try:
+        deadline = time.monotonic() + 120
+        while "submitting the run" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        stop_process(proc)
+    assert rc == 128 + signal.SIGTERM, log.read_text(errors="replace")[-3000:]
+    with socket.socket() as s:  # the SuperLink it started is gone with it
+        s.bind(("127.0.0.1", port))
