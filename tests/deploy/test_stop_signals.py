@@ -13,22 +13,27 @@ from strpnet_core.federation import flower_env, free_port, stop_process
 from deploy_helpers import console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py
 
 
+def _sigterm_when_logged(cmd: list[str], log: Path, home: Path, line: str) -> int:
+    """Start ``cmd`` (output to ``log``), send it SIGTERM once ``line`` is in its log; its exit code."""
+    proc = start_logged(cmd, log, flower_env(home))
+    try:
+        deadline = time.monotonic() + 120
+        while line not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=60)
+    finally:
+        stop_process(proc)
+
+
 def test_sigterm_during_the_retry_wait_stops_the_site(tmp_path: Path) -> None:
     cache = write_site_cache(tmp_path / "cache" / "a", "a")
     log = tmp_path / "client.log"
     cmd = console_command("flower-client", "client.supernode") + [
         "--superlink", f"127.0.0.1:{free_port()}", "--insecure", "--cache-dir", str(cache), "--site-name", "a",
         "--skip-prepare", "--max-wait", "1", "--retry-seconds", "600"]
-    proc = start_logged(cmd, log, flower_env(tmp_path / "home"))
-    try:
-        deadline = time.monotonic() + 120
-        while "(not yet registered at the coordinator?" not in log.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-    finally:
-        stop_process(proc)
+    rc = _sigterm_when_logged(cmd, log, tmp_path / "home", "(not yet registered at the coordinator?")
     text = log.read_text(errors="replace")
     assert text.count("starting the SuperNode") == 1, text[-3000:]  # none after the signal
     assert rc == 128 + signal.SIGTERM  # a requested stop, as a shell reports a process ended by SIGTERM
@@ -46,16 +51,7 @@ def test_sigterm_stops_the_coordinator_and_its_superlink(tmp_path: Path) -> None
         "--insecure", "--no-auth", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "state"),
         "--run-dir", str(tmp_path / "run"), "--rounds", "1", "--min-sites", "1", "--timeout", "120",
         "--app-dir", str(REPO)]
-    proc = start_logged(cmd, log, flower_env(tmp_path / "home"))
-    try:
-        deadline = time.monotonic() + 120
-        while "submitting the run" not in log.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-    finally:
-        stop_process(proc)
+    rc = _sigterm_when_logged(cmd, log, tmp_path / "home", "submitting the run")
     assert rc == 128 + signal.SIGTERM, log.read_text(errors="replace")[-3000:]
     with socket.socket() as s:  # the SuperLink it started is gone with it
         s.bind(("127.0.0.1", port))
