@@ -5,6 +5,7 @@ key is not silently taken back. Every process is started here and stopped by its
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -74,8 +75,8 @@ def test_a_dropped_site_key_is_revoked_and_its_supernode_refused(tmp_path: Path)
 
         # Site b is dropped from the list: refused until the revocation is asked for, then its node is unregistered.
         b_print = fingerprint(load_site_key(keys["b"]))
-        with pytest.raises(ValueError, match=f"not given with --site-key: node {ids['b']} \\({b_print}\\).*"
-                                             "--revoke-missing"):
+        with pytest.raises(ValueError, match=re.escape(f"not given with --site-key: node {ids['b']} ({b_print})")
+                           + ".*--revoke-missing"):  # a fingerprint may hold '+': escaped
             sync_site_keys([keys["a"]], home, database)
         assert {n: st for n, st in stored_keys(database).values()} == {ids["a"]: "registered", ids["b"]: "registered"}
         second = sync_site_keys([keys["a"]], home, database, revoke_missing=True)
