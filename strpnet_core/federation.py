@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import cache_preset, list_cache
-from .fsutil import atomic_write_json, exclusive_lock
+from .fsutil import atomic_write_json, exclusive_lock, private_dir
 
 if TYPE_CHECKING:  # pragma: no cover - import cycles / heavy imports only for typing
     import torch
@@ -499,6 +499,7 @@ def prepare_site_cache(
     update = refresh and data_dir is not None and Path(data_dir).is_dir()
     info = None if update else _read_marker(cache)
     if info is None:
+        private_dir(cache)  # before the lock creates it: closed to other users (preprocessing warns about an open one)
         with exclusive_lock(cache / LOCK_FILE, timeout_s=lock_timeout_s,
                             busy=f"{cache / LOCK_FILE}: another process has been preparing this cache for more than "
                             f"{lock_timeout_s:.0f} s"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import threading
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ def test_refresh_brings_a_ready_cache_up_to_date(tmp_path: Path, monkeypatch: py
     raw, cache = tmp_path / "raw", tmp_path / "cache"
     raw.mkdir()
     assert prepare_site_cache(raw, cache, site_name="site-01", preset="ci").num_patients == 2
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700  # created closed to other users (not by the lock's mkdir)
     prepare_site_cache(raw, cache, site_name="site-01", preset="ci")  # ready: reused
     assert len(calls) == 1
     prepare_site_cache(raw, cache, site_name="site-01", preset="ci", refresh=True)
