@@ -5,7 +5,9 @@
 #   deploy/loopback_demo.sh [--work DIR] [--data DIR] [--rounds R] [--preset ci|demo] [--patients M] [--port P]
 #
 # --data: a folder with site-01..site-03 (default: generate a synthetic cohort with `strpnet synth`).
-# Outputs: WORK/run (final model, metrics, summary), logs in WORK/logs. Every process started here is stopped by PID.
+# Outputs: WORK/run (final model, metrics, summary; a rerun in the same WORK, which reuses its certificates, cohort,
+# caches and coordinator state, writes WORK/run-<date-time>), logs in WORK/logs. Every process started here is
+# stopped by PID.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +21,7 @@ while [[ $# -gt 0 ]]; do
     --preset) PRESET=$2; shift 2 ;;
     --patients) PATIENTS=$2; shift 2 ;;
     --port) PORT=$2; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "loopback_demo.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -48,12 +50,13 @@ if [[ -z $DATA ]]; then
     "$BIN/strpnet" synth --out "$DATA" --sites 3 --patients "$PATIENTS" --preset "$PRESET" --seed 0 --no-png --force
   fi
 fi
+RUN=$WORK/run; [[ -e $RUN ]] && RUN=$WORK/run-$(date +%Y%m%d-%H%M%S)
 [[ -n $PORT ]] || PORT=$("$BIN/python" -c "from strpnet_core.federation import free_port; print(free_port())")
 
 echo "== 3. coordinator on 127.0.0.1:$PORT (log $WORK/logs/server.log)"
 keys=(); for s in "${SITES[@]}"; do keys+=(--site-key "$WORK/certs/sites/$s/$s.pub"); done
 "$BIN/flower-server" --certs "$WORK/certs" "${keys[@]}" --host 127.0.0.1 --port "$PORT" \
-  --state-dir "$WORK/coordinator" --run-dir "$WORK/run" --rounds "$ROUNDS" -c "preset=$PRESET" \
+  --state-dir "$WORK/coordinator" --run-dir "$RUN" --rounds "$ROUNDS" -c "preset=$PRESET" \
   --app-dir "$ROOT" > "$WORK/logs/server.log" 2>&1 &
 SERVER=$!; PIDS+=("$SERVER")
 
@@ -69,5 +72,5 @@ tail -n +1 -f "$WORK/logs/server.log" --pid "$SERVER" | grep --line-buffered -E 
 TAILPID=$!
 rc=0; wait "$SERVER" || rc=$?
 kill "$TAILPID" 2>/dev/null || true
-echo "== coordinator exited with code $rc; outputs in $WORK/run; logs in $WORK/logs"
+echo "== coordinator exited with code $rc; outputs in $RUN; logs in $WORK/logs"
 exit "$rc"

@@ -182,10 +182,12 @@ def coordinate(args: argparse.Namespace) -> int:
         stop_process(superlink)
         for s, h in previous.items():
             signal.signal(s, h)
+    from strpnet_core.report import format_value
+
     s = finished_summary(outcome, run_dir)
     print(f"run {outcome.run_id} finished: {s['rounds_completed']} rounds, final federated C-index "
-          f"{s['final'].get('c_index')}, Dice {s['final'].get('dice')}; outputs in {run_dir} "
-          f"({outcome.seconds:.0f} s)", flush=True)
+          f"{format_value(s['final'].get('c_index'))}, Dice {format_value(s['final'].get('dice'))}; outputs in "
+          f"{run_dir} ({outcome.seconds:.0f} s)", flush=True)
     return 0
 
 
