@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	else \
 	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[simulation,test]"
 	touch $@
 
 # The main job: a federated simulation on the embedded synthetic default cohort.

@@ -213,8 +213,11 @@ def simulate(
     Raises
     ------
     RuntimeError
-        When the Flower run fails (the log tail is in the message).
+        When Flower's simulation runtime (Ray) is not installed, or the Flower run fails (the log tail is in the
+        message).
     """
+    import importlib.util
+
     from client.site_data import list_sites
     from server.launch import (
         app_dir,
@@ -234,6 +237,13 @@ def simulate(
 
     import torch
 
+    try:
+        has_ray = importlib.util.find_spec("ray") is not None
+    except ImportError:
+        has_ray = False
+    if not has_ray:
+        raise RuntimeError("strpnet simulate needs Flower's simulation runtime (Ray), which a deployment's coordinator "
+                           "and sites do without: pip install -e '.[simulation]' (make setup installs it)")
     t_start = time.monotonic()
     visible_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     simulation_resources(1, cpus_per_site, gpus_per_site, visible_gpus)  # bad GPU settings fail before the work

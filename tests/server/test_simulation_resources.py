@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from flwr.supercore.utils import simulation_config_from_json
 
@@ -75,3 +77,17 @@ def test_cores_default_to_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> 
     assert _generation_workers(None) == 1 and _generation_workers(4) == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert simulation_resources(3, 1, None, 0)["init-args-num-cpus"] == 3  # waves of 3 on 2 cores
+
+
+def test_simulate_without_the_simulation_runtime_says_how_to_install_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment's install (`pip install -e .`) has no Ray: `strpnet simulate` stops before any work, saying so."""
+    import importlib.util
+
+    from strpnet_core.commands.simulate import simulate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"needs Flower's simulation runtime \(Ray\).*\.\[simulation\]"):
+        simulate(tmp_path / "run", data=None, sites=1, rounds=1, preset="ci", seed=0)
+    assert not (tmp_path / "run").exists()
