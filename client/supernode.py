@@ -11,6 +11,7 @@ SuperNode (by PID) on Ctrl-C / SIGTERM. See docs/deployment.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -139,7 +140,8 @@ def run_site(args: argparse.Namespace) -> int:
     if not site_name:
         raise ValueError("give --site-name or --data-dir")
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else Path.home() / ".cache" / "strpnet" / site_name
-    node_config(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir)  # bad values fail before the work
+    # bad values (the node config, a missing --ca) fail before the work, not after preprocessing
+    supernode_command(args, site_name=site_name, data_dir=data_dir, cache_dir=cache_dir, port=1)
     state = Path(args.state_dir).resolve() if args.state_dir else cache_dir / ".flower"
     open_to_others = private_dir(cache_dir)  # before the lock creates it: closed to other users
     if open_to_others and args.skip_prepare:  # else preprocessing says it
@@ -173,10 +175,13 @@ def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Pa
     current: list[subprocess.Popen[bytes]] = []
 
     def stop(signum: int, _frame: object) -> None:
+        # Only signal here: the main thread is inside proc.wait(), whose lock a wait in this handler could not take
+        # (stop_process then sat out its timeouts, ~30 s, before the exit); the main loop reaps and cleans up.
         stopping.append(signum)
         for proc in current:
             log.info("signal %d: stopping the SuperNode (pid %d)", signum, proc.pid)
-            stop_process(proc)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -197,8 +202,10 @@ def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Pa
             stop_process(proc)
         if stopping:
             return 128 + stopping[0]  # a requested stop: the shell's code of a process ended by that signal
-        if rc == 0:
-            return rc
+        if rc == 0:  # a SuperNode ends by itself only when the SuperLink ends its node
+            log.error("the SuperNode ended by itself (code 0): the coordinator has unregistered this site's key "
+                      "(flower-server --revoke-missing), so it cannot rejoin with it; ask the coordinator")
+            return 1
         if time.monotonic() - t_start > _JOINED_AFTER_S:  # it had been up: a new outage gets a full retry window
             give_up = time.monotonic() + max(0.0, args.retry_seconds)
         if time.monotonic() + _RETRY_DELAY_S > give_up:

@@ -15,7 +15,7 @@
 # ca.key beside it (kept offline) stops the script instead of minting a new CA.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 die() { echo "make_certs.sh: $*" >&2; exit 1; }
 [[ $# -ge 1 && $1 != -* ]] || usage
 OUT=$1; shift

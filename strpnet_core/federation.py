@@ -498,6 +498,9 @@ def prepare_site_cache(
     cache = Path(cache_dir)
     update = refresh and data_dir is not None and Path(data_dir).is_dir()
     info = None if update else _read_marker(cache)
+    if update and (built := cache_preset(cache) if cache.is_dir() else None) not in (None, preset):
+        log.warning("site %s: %s was preprocessed with preset %r; preprocessing every patient anew with preset %r "
+                    "(give --preset %s to keep it)", site_name, cache, built, preset, built)
     if info is None:
         private_dir(cache)  # before the lock creates it: closed to other users (preprocessing warns about an open one)
         with exclusive_lock(cache / LOCK_FILE, timeout_s=lock_timeout_s,

@@ -152,12 +152,17 @@ def test_make_certs_san_and_keys(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "--days abc" in bad.stderr
 
 
-def test_client_needs_ca_or_explicit_insecure_which_warns(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+def test_client_needs_ca_or_explicit_insecure_which_warns(caplog: pytest.LogCaptureFixture, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.supernode as supernode
     from client.supernode import main as client_main
 
-    base = ["--superlink", "127.0.0.1:1", "--site-name", "a", "--cache-dir", str(tmp_path / "cache"), "--skip-prepare"]
+    base = ["--superlink", "127.0.0.1:1", "--site-name", "a", "--cache-dir", str(tmp_path / "cache")]
     assert client_main(base) == 1
     assert "give --ca" in caplog.text and "UNENCRYPTED" not in caplog.text
+    assert not (tmp_path / "cache").exists()  # refused before any work (it came after preprocessing)
+    monkeypatch.setattr(supernode, "_prepare_and_serve", lambda *a, **k: 0)
+    assert client_main([*base, "--ca", str(tmp_path / "ca.crt")]) == 0
     assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700  # the site's cache: closed to other users
     caplog.clear()
     assert client_main(["--superlink", "127.0.0.1:1", "--data-dir", str(tmp_path / "absent"), "--insecure"]) == 1
@@ -188,6 +193,7 @@ def test_client_refuses_a_flower_home_another_client_holds(caplog: pytest.LogCap
     import time
     import types
 
+    import client.supernode as supernode
     from client.supernode import STATE_LOCK
     from client.supernode import main as client_main
     from strpnet_core import fsutil
@@ -199,7 +205,8 @@ def test_client_refuses_a_flower_home_another_client_holds(caplog: pytest.LogCap
         "    print('held', flush=True); time.sleep(120)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        args = ["--superlink", "127.0.0.1:1", "--site-name", "b", "--cache-dir", str(cache), "--skip-prepare"]
+        args = ["--superlink", "127.0.0.1:1", "--site-name", "b", "--cache-dir", str(cache), "--skip-prepare",
+                "--ca", str(tmp_path / "ca.crt")]
         with monkeypatch.context() as m:  # refused at once: the lock is not waited for
             m.setattr(fsutil, "time", types.SimpleNamespace(
                 monotonic=time.monotonic, sleep=lambda s: pytest.fail(f"waited {s} s for the lock")))
@@ -207,16 +214,19 @@ def test_client_refuses_a_flower_home_another_client_holds(caplog: pytest.LogCap
         assert f"Flower home {cache / '.flower'} is in use by another flower-client" in caplog.text
         assert f"held by pid {holder.pid}" in caplog.text and "--state-dir" in caplog.text
         caplog.clear()
-        # another --state-dir is not refused for the lock (it goes on, and stops at the missing --ca)
-        assert client_main([*args, "--state-dir", str(tmp_path / "other")]) == 1
-        assert "give --ca" in caplog.text and "in use" not in caplog.text
+        # another --state-dir is not refused for the lock (it goes on to serve)
+        with monkeypatch.context() as m:
+            m.setattr(supernode, "_prepare_and_serve", lambda *a, **k: 7)
+            assert client_main([*args, "--state-dir", str(tmp_path / "other")]) == 7
+        assert "in use" not in caplog.text
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     caplog.clear()
     # the kernel released the killed holder's lock: the same home is free again
-    assert client_main(args) == 1
-    assert "give --ca" in caplog.text and "in use" not in caplog.text
+    monkeypatch.setattr(supernode, "_prepare_and_serve", lambda *a, **k: 7)
+    assert client_main(args) == 7
+    assert "in use" not in caplog.text
 
 
 def test_a_port_in_use_is_named_before_the_superlink_starts(tmp_path: Path) -> None:
