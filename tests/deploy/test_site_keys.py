@@ -1,7 +1,8 @@
 """The coordinator's site keys against a real TLS SuperLink with SuperNode authentication (127.0.0.1): the database
 is checked against ``--site-key`` before anything changes; a key dropped from the list stops the start until
 ``--revoke-missing`` unregisters it, after which its SuperNode is refused while a kept key still connects; a revoked
-key is not silently taken back. Every process is started here and stopped by its PID."""
+key is not silently taken back; a site revoked while connected stops with the reason. Every process is started here
+and stopped by its PID."""
 
 from __future__ import annotations
 
@@ -112,4 +113,41 @@ def test_a_dropped_site_key_is_revoked_and_its_supernode_refused(tmp_path: Path)
             sync_site_keys([keys["a"]], home, database)
     finally:
         for proc in (*nodes.values(), superlink):
+            stop_process(proc)
+
+
+def test_a_site_revoked_while_connected_stops_with_the_reason(tmp_path: Path) -> None:
+    """flower-client whose key is revoked while its SuperNode is online: Flower ends the SuperNode with code 0;
+    flower-client says why and exits 1 (it exited 0, silently)."""
+    from strpnet_core.federation import free_port
+
+    from deploy_helpers import console_command, write_site_cache
+
+    _make_keys(tmp_path / "certs", "a", keys_only=False)
+    tls = TLSFiles.from_dir(tmp_path / "certs")
+    home, database, port = tmp_path / "flower", tmp_path / "superlink.db", free_port()
+    write_flwr_config(home, f"127.0.0.1:{port}", root_certificates=tls.ca_cert)
+    superlink = start_superlink(home, port=port, tls=tls, enable_supernode_auth=True, database=database)
+    procs = [superlink]
+    try:
+        sync_site_keys([tmp_path / "certs/sites/a/a.pub"], home, database)
+        cmd = console_command("flower-client", "client.supernode") + [
+            "--superlink", f"127.0.0.1:{port}", "--ca", str(tls.ca_cert), "--key", str(tmp_path / "certs/sites/a/a.key"),
+            "--cache-dir", str(write_site_cache(tmp_path / "cache/a", "a")), "--site-name", "a", "--skip-prepare",
+            "--retry-seconds", "0"]
+        log = tmp_path / "client.log"
+        with open(log, "wb") as out:
+            client = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=flower_env(tmp_path / "client-home"), start_new_session=True)
+        procs.append(client)
+        key = load_site_key(tmp_path / "certs/sites/a/a.pub")
+        deadline = time.monotonic() + 120
+        while stored_keys(database)[key][1] != "online":
+            assert client.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        assert sync_site_keys([], home, database, revoke_missing=True).revoked
+        assert client.wait(timeout=120) == 1
+        assert "the coordinator has unregistered this site's key" in log.read_text(errors="replace")
+    finally:
+        for proc in procs[::-1]:
             stop_process(proc)
