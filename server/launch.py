@@ -11,6 +11,7 @@ process behind (SuperExec, ServerApp, simulation and Ray processes included), wh
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import ssl
@@ -264,6 +265,19 @@ def run_flwr(
                           capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
+def flwr_json(args: list[str], flwr_home: str | os.PathLike[str]) -> dict[str, Any]:
+    """Run ``flwr ARGS strpnet --format json``; its JSON answer (``success`` false carries ``error-message``)."""
+    res = run_flwr([*args, CONNECTION, "--format", "json"], flwr_home, timeout_s=60)
+    try:
+        doc = json.loads(res.stdout[res.stdout.find("{"):])
+    except ValueError as exc:
+        raise RuntimeError(f"flwr {' '.join(args)} failed (exit {res.returncode}): "
+                           f"{(res.stdout + res.stderr).strip()[-1000:]}") from exc
+    if not isinstance(doc, dict):
+        raise RuntimeError(f"flwr {' '.join(args)} printed {doc!r}, not a JSON object")
+    return doc
+
+
 #: Flower's run states (the part of ``flwr ls``'s status before ":") that a run can still leave.
 OPEN_STATES = ("pending", "starting", "running")
 
@@ -277,14 +291,7 @@ def run_statuses(flwr_home: str | os.PathLike[str]) -> dict[int, str]:
     RuntimeError
         When ``flwr ls`` fails or prints something else than its JSON.
     """
-    import json
-
-    res = run_flwr(["ls", CONNECTION, "--format", "json"], flwr_home, timeout_s=60)
-    try:
-        doc = json.loads(res.stdout[res.stdout.find("{"):])
-    except ValueError as exc:
-        raise RuntimeError(f"flwr ls failed (exit {res.returncode}): {(res.stdout + res.stderr).strip()[-1000:]}") \
-            from exc
+    doc = flwr_json(["ls"], flwr_home)
     return {int(r["run-id"]): str(r.get("status", "")) for r in doc.get("runs", [])}
 
 

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .launch import CONNECTION, run_flwr
+from .launch import flwr_json
 
 #: Node status of an unregistered (revoked) node in Flower's database.
 UNREGISTERED = "unregistered"
@@ -83,22 +81,9 @@ def stored_keys(database: str | os.PathLike[str]) -> dict[bytes, tuple[int, str]
     return {bytes(pem): (int64_to_uint64(int(node_id)), str(status)) for pem, node_id, status in rows}
 
 
-def _flwr_json(args: list[str], flwr_home: str | os.PathLike[str]) -> dict[str, Any]:
-    """Run ``flwr ARGS strpnet --format json``; its JSON answer (``success`` false carries ``error-message``)."""
-    res = run_flwr([*args, CONNECTION, "--format", "json"], flwr_home, timeout_s=60)
-    try:
-        doc = json.loads(res.stdout[res.stdout.find("{"):])
-    except ValueError as exc:
-        raise RuntimeError(f"flwr {' '.join(args)} failed (exit {res.returncode}): "
-                           f"{(res.stdout + res.stderr).strip()[-1000:]}") from exc
-    if not isinstance(doc, dict):
-        raise RuntimeError(f"flwr {' '.join(args)} printed {doc!r}, not a JSON object")
-    return doc
-
-
 def register_supernode(public_key: str | os.PathLike[str], flwr_home: str | os.PathLike[str]) -> int:
     """``flwr supernode register KEY.pub``: the new node's id; RuntimeError with Flower's message when refused."""
-    doc = _flwr_json(["supernode", "register", str(public_key)], flwr_home)
+    doc = flwr_json(["supernode", "register", str(public_key)], flwr_home)
     if not doc.get("success"):
         raise RuntimeError(f"registering {public_key} failed: {str(doc.get('error-message', doc)).strip()[-1000:]}")
     return int(doc["node-id"])
@@ -107,7 +92,7 @@ def register_supernode(public_key: str | os.PathLike[str], flwr_home: str | os.P
 def unregister_supernode(node_id: int, flwr_home: str | os.PathLike[str]) -> None:
     """``flwr supernode unregister NODE_ID``; a node already unregistered is fine, any other refusal a
     RuntimeError with Flower's message."""
-    doc = _flwr_json(["supernode", "unregister", str(node_id)], flwr_home)
+    doc = flwr_json(["supernode", "unregister", str(node_id)], flwr_home)
     message = str(doc.get("error-message", doc))
     if not doc.get("success") and "not found" not in message.lower():
         raise RuntimeError(f"unregistering node {node_id} failed: {message.strip()[-1000:]}")

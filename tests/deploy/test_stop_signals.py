@@ -41,9 +41,8 @@ def test_sigterm_during_the_retry_wait_stops_the_site(tmp_path: Path) -> None:
 
 def test_sigterm_stops_the_coordinator_and_its_superlink(tmp_path: Path) -> None:
     """flower-server waiting for its sites is stopped by SIGTERM: exit 128 + 15, and its SuperLink's port is free."""
-    import socket
-
     from deploy_helpers import REPO
+    from server.launch import check_port_free
 
     port = free_port()
     log = tmp_path / "server.log"
@@ -55,6 +54,4 @@ def test_sigterm_stops_the_coordinator_and_its_superlink(tmp_path: Path) -> None
     # (the handler's exception is raised in fork's after-fork hook, which Python ignores; a second signal works).
     rc = _sigterm_when_logged(cmd, log, tmp_path / "home", "site(s) connected; waiting up to")
     assert rc == 128 + signal.SIGTERM, log.read_text(errors="replace")[-3000:]
-    with socket.socket() as s:  # the SuperLink it started is gone with it (no listener; TIME_WAIT is fine)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
+    check_port_free("127.0.0.1", port)  # the SuperLink it started is gone with it
