@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from strpnet_core.console import run_deployment_command
+from strpnet_core.console import StopRequested, raise_on_stop_signals, run_deployment_command
 
 log = logging.getLogger("flower-server")
 
@@ -60,18 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``flower-server``; returns the exit code."""
     return run_deployment_command(build_parser(), coordinate, argv, log)
-
-
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that the ``finally`` blocks stop what was started."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise _Stopped(signum)
 
 
 def _sync_site_keys(keys: list[Path], flwr_home: Path, database: Path, *, revoke_missing: bool) -> None:
@@ -156,32 +143,29 @@ def coordinate(args: argparse.Namespace) -> int:
              "TLS" if tls else "PLAIN HTTP", "on" if auth else "OFF", state)
     superlink = start_superlink(flwr_home, host=args.host, port=args.port, tls=tls, enable_supernode_auth=auth,
                                 database=database, log_file=state / "superlink.log")
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM,)}
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        for run_id, fate in (stop_stale_runs(flwr_home) if kept_database else {}).items():
-            if fate == "stopped":
-                log.warning("run %d of a previous session was still open in %s: stopped it", run_id, database)
-            else:
-                log.info("run %d of a previous session is %s in %s", run_id, fate, database)
-        if auth:
-            _sync_site_keys(keys, flwr_home, database, revoke_missing=args.revoke_missing)
-        log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
+    with raise_on_stop_signals():  # held while the finally block stops the SuperLink: a second signal is ignored
+        try:
+            for run_id, fate in (stop_stale_runs(flwr_home) if kept_database else {}).items():
+                if fate == "stopped":
+                    log.warning("run %d of a previous session was still open in %s: stopped it", run_id, database)
+                else:
+                    log.info("run %d of a previous session is %s in %s", run_id, fate, database)
+            if auth:
+                _sync_site_keys(keys, flwr_home, database, revoke_missing=args.revoke_missing)
+            log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
 
-        def show(line: str) -> None:
-            if args.verbose_flower or any(s in line for s in ("[strpnet]", "[ROUND", "ERROR", "Traceback",
-                                                                "Successfully started run", "failures")):
-                print(line, flush=True)
+            def show(line: str) -> None:
+                if args.verbose_flower or any(s in line for s in ("[strpnet]", "[ROUND", "ERROR", "Traceback",
+                                                                    "Successfully started run", "failures")):
+                    print(line, flush=True)
 
-        outcome = flwr_run_stream(Path(args.app_dir) if args.app_dir else app_dir(), flwr_home,
-                                  run_config_file=config_file, timeout_s=args.timeout, on_line=show)
-    except KeyboardInterrupt as exc:
-        log.warning("interrupted: stopping the SuperLink")
-        return 128 + (exc.signum if isinstance(exc, _Stopped) else signal.SIGINT)  # 143 for SIGTERM, 130 Ctrl-C
-    finally:
-        stop_process(superlink)
-        for s, h in previous.items():
-            signal.signal(s, h)
+            outcome = flwr_run_stream(Path(args.app_dir) if args.app_dir else app_dir(), flwr_home,
+                                      run_config_file=config_file, timeout_s=args.timeout, on_line=show)
+        except StopRequested as exc:
+            log.warning("signal %d: stopping the run and the SuperLink", exc.signum)
+            return 128 + exc.signum  # 143 for SIGTERM, 130 for Ctrl-C, as a shell reports a process they ended
+        finally:
+            stop_process(superlink)
     from strpnet_core.report import format_value
 
     s = finished_summary(outcome, run_dir)

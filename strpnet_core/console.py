@@ -1,13 +1,15 @@
 """Shared start-up of the deployment commands ``flower-server`` and ``flower-client`` (and of the Flower processes
-that they and ``strpnet simulate`` start: :func:`die_with_parent_kwargs`)."""
+that they and ``strpnet simulate`` start: :func:`die_with_parent_kwargs`), and their stop on SIGTERM / SIGINT
+(:func:`raise_on_stop_signals`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: Errors a deployment command reports as one log line and exit code 1 (bad flags, files, an unreachable peer).
@@ -94,3 +96,58 @@ def die_with_parent(parent_pid: int, sig: int | None = None) -> None:
     _libc().prctl(1, int(signal.SIGTERM if sig is None else sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+class StopRequested(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGINT) raised in the main thread by :func:`raise_on_stop_signals`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def raise_on_stop_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise :class:`StopRequested` in the main thread, once.
+
+    A command that started processes stops them in its ``finally`` blocks when the exception unwinds. Python runs a
+    signal handler at the next bytecode of the main thread, which may be inside a context whose exceptions it
+    ignores: a fork's after-fork hooks (``subprocess.Popen``; ``logging`` registers one), a ``__del__``, a weakref
+    callback. It then reports the exception to ``sys.unraisablehook`` and goes on, and the stop would be lost; the
+    hook installed here sends the signal again 0.1 s later, from a helper thread, so that it lands in ordinary code.
+    Signals after the one delivered are logged and ignored: the stop is under way, and a second exception would cut
+    its clean-up short (SIGKILL remains for an impatient operator). Previous handlers and hook are restored on exit.
+    """
+    import signal
+    import sys
+    import threading
+
+    delivered: list[int] = []  # the signal whose exception reached ordinary code (or is on its way there)
+
+    def handler(signum: int, _frame: object) -> None:
+        if delivered:
+            logging.getLogger(__name__).warning("signal %d: already stopping (signal %d)", signum, delivered[0])
+            return
+        delivered.append(signum)
+        raise StopRequested(signum)
+
+    previous_hook = sys.unraisablehook
+
+    def redeliver(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, StopRequested) and delivered:
+            delivered.clear()  # lost: the next delivery raises again
+            threading.Timer(0.1, os.kill, (os.getpid(), unraisable.exc_value.signum)).start()
+            return
+        previous_hook(unraisable)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in stop_signals}
+    sys.unraisablehook = redeliver
+    for s in stop_signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        sys.unraisablehook = previous_hook
