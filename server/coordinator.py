@@ -126,7 +126,6 @@ def coordinate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S")).resolve()
     check_resume(run_dir, args.resume)
     refuse_if_running(flwr_home, "flower-server")
-    run_dir.mkdir(parents=True, exist_ok=True)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     write_flwr_config(flwr_home, f"{connect_host}:{args.port}", root_certificates=None if tls is None else tls.ca_cert,
                       insecure=tls is None)
