@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-auth", action="store_true",
                    help="let any SuperNode join (no node authentication; testing only; prints a warning)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address the SuperLink listens on (default 127.0.0.1; 0.0.0.0 for other hosts)")
-    p.add_argument("--port", type=int, default=9092, help="SuperLink port (HTTPS API for sites and flwr; default 9092)")
+                   help="address the SuperLink listens on (default 127.0.0.1, behind the reverse proxy that passes "
+                   "the sites' Fleet API only: docs/deployment.md, section 3; 0.0.0.0 exposes its unauthenticated "
+                   "Control API to every host that reaches the port)")
+    p.add_argument("--port", type=int, default=9192,
+                   help="SuperLink port: Fleet, Control and runtime APIs (default 9192; the sites dial the proxy's "
+                   "9092)")
     p.add_argument("--state-dir", default=str(Path.home() / ".strpnet" / "coordinator"), metavar="DIR",
                    help="SuperLink state: database, Flower home, logs (default ~/.strpnet/coordinator)")
     p.add_argument("--database", metavar="FILE", help="SuperLink database (default STATE_DIR/superlink.db)")
