@@ -357,9 +357,19 @@ def test_multitask_loss_combines_parts_and_uses_memory() -> None:
     assert torch.isfinite(logits.grad).all() and torch.isfinite(risk.grad).all()
     assert float(logits.grad[1].abs().sum()) == 0.0  # unlabelled sample gets no segmentation gradient
     assert len(crit.memory) == 2
+    # The next train-mode call's Cox part is over the batch and the remembered patients (RiskSetMemory.loss).
+    risk2 = torch.randn(2, requires_grad=True)
+    batch2 = {**make_batch(2, [False, False], [1.0, 0.0], [15.0, 5.0]), "patient_id": ["p2", "p3"]}
+    with_memory = crit.memory.loss(risk2.detach(), batch2["time"], batch2["event"], "efron",
+                                   keys=batch2["patient_id"])
+    batch_only = cox_partial_likelihood_loss(risk2.detach(), batch2["time"], batch2["event"])
+    assert float(with_memory) != pytest.approx(float(batch_only))  # the remembered patients change it
+    out2 = crit(logits.detach(), risk2, batch2)
+    assert out2.parts["cox"] == pytest.approx(float(with_memory), rel=1e-6)
+    assert len(crit.memory) == 4
     crit.eval()
     crit(logits.detach(), risk.detach(), make_batch(2, [False, False], [0.0, 1.0], [5.0, 30.0]))
-    assert len(crit.memory) == 2  # eval mode reads but never writes the memory
+    assert len(crit.memory) == 4  # eval mode reads but never writes the memory
     crit.reset_memory()
     assert len(crit.memory) == 0
 
