@@ -18,11 +18,16 @@ from server.aggregation import (
 from strpnet_core.federation import EVAL_COUNT_KEYS, pool_eval_counts
 
 
+def _comparable(time: np.ndarray, event: np.ndarray, i: int, j: int) -> bool:
+    """Harrell: i had the event first (t_i < t_j), or at the time j was censored (t_i == t_j, j censored)."""
+    return bool(event[i]) and (time[i] < time[j] or (time[i] == time[j] and not event[j]))
+
+
 def _brute_pairs(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> tuple[int, int, int, int]:
-    """O(n^2) reference: comparable = (t_i < t_j and e_i = 1); concordant when risk_i > risk_j."""
+    """O(n^2) reference counts over the comparable pairs (:func:`_comparable`); concordant when risk_i > risk_j."""
     c = d = t = 0
     for i, j in itertools.permutations(range(len(risk)), 2):
-        if event[i] == 1 and time[i] < time[j]:
+        if _comparable(time, event, i, j):
             if risk[i] > risk[j]:
                 c += 1
             elif risk[i] < risk[j]:
@@ -33,9 +38,9 @@ def _brute_pairs(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> tuple
 
 
 def _site(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    time = rng.integers(30, 900, n).astype(float)  # integer days: ties in time happen
+    time = rng.integers(30, 45, n).astype(float)  # integer days in a short span: tied times (event/censored) happen
     event = (rng.random(n) < 0.6).astype(int)
-    risk = np.round(-time / 300 + rng.normal(0, 0.8, n), 1)  # rounded: ties in risk happen
+    risk = np.round(-time / 10 + rng.normal(0, 0.8, n), 1)  # rounded: ties in risk happen
     return risk, time, event
 
 
@@ -60,7 +65,7 @@ def test_pooled_counts_equal_c_of_union_of_within_site_pairs(seed: int) -> None:
     num = den = 0.0
     for risk, time, event in sites:
         for i, j in itertools.permutations(range(len(risk)), 2):
-            if event[i] == 1 and time[i] < time[j]:
+            if _comparable(time, event, i, j):
                 den += 1
                 num += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
     assert pooled["c-index"] == pytest.approx(num / den, abs=1e-12)
@@ -70,6 +75,10 @@ def test_pooled_counts_equal_c_of_union_of_within_site_pairs(seed: int) -> None:
     inter = sum(r["dice_intersection"] for r in map(lambda s: _eval_reply(*s), sites))
     denom = sum(r["dice_denominator"] for r in map(lambda s: _eval_reply(*s), sites))
     assert pooled["dice"] == pytest.approx(2 * inter / denom)
+    replies = [_eval_reply(*s) for s in sites]
+    assert pooled["loss"] == pytest.approx(sum(r["loss_sum"] for r in replies) / sum(r["n_labelled"] for r in replies))
+    tied = [(t[:, None] == t[None, :]) & (e[:, None] != e[None, :]) for _, t, e in sites]
+    assert sum(int(x.sum()) for x in tied) > 0  # the draw has event/censored pairs at the same time
 
 
 def test_site_counts_agree_with_lifelines_and_core() -> None:
