@@ -80,9 +80,9 @@ def test_uno_nan_when_sksurv_refuses() -> None:
 
 
 def test_uno_horizon_rejects_bad_input() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need training times"):
         uno_horizon([], 100.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="positive horizon"):
         uno_horizon([1.0], 0.0)
 
 
@@ -197,9 +197,9 @@ def test_segment_single_scan_has_no_cavity() -> None:
 
 def test_segment_patient_rejects_bad_shapes() -> None:
     ph = phantom()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"images must be \(T, 4"):
         segment_patient(ph["images"][:, :3], ph["brain"], [0, 1, 2], SPACING)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="3 scans but 2 days"):
         segment_patient(ph["images"], ph["brain"], [0, 1], SPACING)
 
 
@@ -219,7 +219,7 @@ def test_cavity_margin_map_definition() -> None:
     score0, binary0 = cavity_margin_map(seg0, SPACING, 4.0)
     assert not binary0.any()
     np.testing.assert_array_equal(score0, seg0.flair_any.astype(np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="margin_mm must be > 0"):
         cavity_margin_map(seg, SPACING, 0.0)
 
 
@@ -254,7 +254,7 @@ def test_bootstrap_indices_and_ci() -> None:
     lo, hi = percentile_ci(np.append(vals, np.nan))
     assert (lo, hi) == (pytest.approx(np.quantile(vals, 0.025)), pytest.approx(np.quantile(vals, 0.975)))
     assert all(math.isnan(x) for x in percentile_ci([np.nan, np.nan]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need n >= 1"):
         bootstrap_indices(0, 10, seed=0)
 
 

@@ -141,7 +141,7 @@ def test_site_sizes_differ_around_m() -> None:
     assert len(set(counts)) == 4 and sum(counts) == 40
     assert parse_patient_counts("3,5", 2, seed=0) == [3, 5]
     assert parse_patient_counts(6, 1, seed=0) == [6]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2 patient counts given for 3 sites"):
         parse_patient_counts("3,5", 3, seed=0)
 
 

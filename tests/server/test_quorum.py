@@ -17,7 +17,7 @@ def test_below_quorum_stops_cleanly_with_outputs(site_caches: Path, tmp_path: Pa
     overrides = {"val-fraction": 0.4, "local-epochs": 1, "num-threads": 1, "model.widths": "4,8",
                  "model.lstm-hidden": 8, "model.risk-hidden": 8, "min-available-nodes": 5, "min-train-nodes": 4,
                  "node-wait-timeout": 1.0, "start-wait-timeout": 1.0}
-    with pytest.raises(RuntimeError, match="failed"):
+    with pytest.raises(RuntimeError, match="quorum"):
         simulate(tmp_path, data=None, cache=site_caches, sites=3, rounds=2, preset="ci", seed=1,
                  overrides=overrides, timeout_s=240, progress=False)
     summary = json.loads((tmp_path / "summary.json").read_text())
