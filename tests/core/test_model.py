@@ -94,7 +94,12 @@ def test_time_mask_default_and_integer_mask() -> None:
     with torch.no_grad():
         a = model(images, days)
         b = model(images, days, mask.int())
+        mask[0, 1] = False  # a missing scan, given as a bool mask and as an integer one
+        c = model(images, days, mask)
+        d = model(images, days, mask.int())
     torch.testing.assert_close(a.risk, b.risk)
+    torch.testing.assert_close(c.risk, d.risk)
+    assert not torch.allclose(a.risk[0], c.risk[0])  # the integer mask is read, not ignored
 
 
 def test_every_parameter_gets_a_gradient() -> None:

@@ -68,8 +68,17 @@ def test_z_score_normalize() -> None:
     mask = np.zeros(vol.shape, bool)
     mask[2:8, 3:9, 4:10] = True
     z = z_score_normalize(vol, mask)
+    v = vol[mask]
+    np.testing.assert_allclose(z[mask], (v - v.mean()) / v.std(), rtol=1e-6, atol=1e-6)  # voxel by voxel, in place
     assert abs(z[mask].mean()) < 1e-5 and abs(z[mask].std() - 1) < 1e-5
     assert np.all(z[~mask] == 0) and np.isfinite(z).all()
+    with_nan = vol.copy()
+    with_nan[5, 5, 5] = np.nan  # inside the mask
+    with pytest.raises(ValueError, match="non-finite"):
+        z_score_normalize(with_nan, mask)
+    with_nan[0, 0, 0] = np.inf  # outside the mask only: ignored
+    with_nan[5, 5, 5] = 1.0
+    assert np.isfinite(z_score_normalize(with_nan, mask)).all()
     with pytest.raises(ValueError, match="empty"):
         z_score_normalize(vol, np.zeros_like(mask))
     with pytest.raises(ValueError, match="standard deviation"):

@@ -4,7 +4,6 @@ excludes only its case (or scan), and the CLI exits 1 when nothing is usable."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -477,14 +476,6 @@ def test_site_without_scan_folders(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- synthetic cohort
 
 
-def _has_synth_command() -> bool:
-    try:
-        return importlib.util.find_spec("strpnet_core.commands.synth") is not None
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(not _has_synth_command(), reason="`strpnet synth` (strpnet_core.commands.synth) not written yet")
 def test_synthetic_ci_cohort_validates_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "cohort"
     args = ["synth", "--out", str(out), "--sites", "1", "--patients", "2", "--preset", "ci", "--seed", "0"]
