@@ -65,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_deployment_command(build_parser(), coordinate, argv, log)
 
 
-def _sync_site_keys(keys: list[Path], flwr_home: Path, database: Path, *, revoke_missing: bool) -> None:
+def _sync_site_keys(keys: list[Path], flwr_home: Path, database: Path, run_dir: Path, *, revoke_missing: bool) -> None:
     """Register ``keys``, revoke admitted keys no longer given when asked (:func:`server.site_keys.sync_site_keys`);
-    log what was done."""
+    log what was done; write ``run_dir/sites.json`` (node id -> site name, which ``strpnet report`` shows in its
+    per-site rows: the coordinator's own knowledge, nothing from the sites)."""
+    from strpnet_core.fsutil import atomic_write_json
+    from strpnet_core.report import SITES_JSON
+
     from .site_keys import sync_site_keys
 
     done = sync_site_keys(keys, flwr_home, database, revoke_missing=revoke_missing)
@@ -78,6 +82,8 @@ def _sync_site_keys(keys: list[Path], flwr_home: Path, database: Path, *, revoke
     for key, node in done.revoked:
         log.warning("revoked site key %s (--revoke-missing): unregistered its node %d; that site can no longer "
                     "connect", key, node)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / SITES_JSON, {"site_names": {str(n): s for n, s in done.site_names().items()}})
 
 
 def coordinate(args: argparse.Namespace) -> int:
@@ -154,7 +160,7 @@ def coordinate(args: argparse.Namespace) -> int:
                 else:
                     log.info("run %d of a previous session is %s in %s", run_id, fate, database)
             if auth:
-                _sync_site_keys(keys, flwr_home, database, revoke_missing=args.revoke_missing)
+                _sync_site_keys(keys, flwr_home, database, run_dir, revoke_missing=args.revoke_missing)
             log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
 
             def show(line: str) -> None:

@@ -106,6 +106,13 @@ class KeySync:
     kept: list[tuple[str, int]] = field(default_factory=list)
     revoked: list[tuple[str, int]] = field(default_factory=list)
 
+    def site_names(self) -> dict[int, str]:
+        """Node id -> the name of the site's key file without ``.pub`` (``deploy/make_certs.sh`` names it after the
+        site), for every admitted site; the whole path where two files share a name."""
+        admitted = sorted(self.registered + self.kept, key=lambda kn: kn[1])
+        stems = [Path(key).name.removesuffix(".pub") for key, _ in admitted]
+        return {node: stem if stems.count(stem) == 1 else key for (key, node), stem in zip(admitted, stems)}
+
 
 def sync_site_keys(keys: Sequence[str | os.PathLike[str]], flwr_home: str | os.PathLike[str],
                    database: str | os.PathLike[str], *, revoke_missing: bool = False) -> KeySync:

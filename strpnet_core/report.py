@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 #: Files of a run directory (written by ``server/outputs.py`` and ``strpnet_core.risk_reference``).
 METRICS_JSON = "metrics.json"
 SUMMARY_JSON = "summary.json"
+#: Written by ``flower-server`` (deployment): ``{"site_names": {node id: name of the site's key file}}``.
+SITES_JSON = "sites.json"
 FINAL_MODEL = "final_model.pt"
 RISK_REFERENCE_JSON = "risk_reference.json"
 #: Outputs of the report.
@@ -83,12 +85,15 @@ class RunRecord:
         ``summary.json`` (None when the run has not finished: the server writes it last).
     model_path:
         ``final_model.pt`` when present.
+    site_names:
+        Node id (str) -> site name, from ``sites.json`` (a deployment run's; empty otherwise).
     """
 
     run_dir: Path
     rows: list[dict[str, Any]]
     summary: dict[str, Any] | None
     model_path: Path | None
+    site_names: dict[str, str] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> Any:
@@ -136,8 +141,15 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
         summary = _read_json(spath)
         if not isinstance(summary, dict):
             raise ReportError(f"{spath}: expected a JSON object, got {type(summary).__name__}")
+    names: dict[str, str] = {}
+    npath = rd / SITES_JSON
+    if npath.is_file():
+        doc = _read_json(npath)
+        names = doc.get("site_names") if isinstance(doc, dict) else None
+        if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+            raise ReportError(f"{npath}: expected {{\"site_names\": {{node id: name}}}}")
     model = rd / FINAL_MODEL
-    return RunRecord(rd, rows, summary, model if model.is_file() else None)
+    return RunRecord(rd, rows, summary, model if model.is_file() else None, {str(k): v for k, v in names.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -152,13 +164,14 @@ def _num(v: Any) -> float:
     return f if math.isfinite(f) else math.nan
 
 
-def site_table(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+def site_table(row: Mapping[str, Any], names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Per-site rows of a round (its ``per_site`` list) with each site's C-index and Dice from its own counts.
 
     For site ``s``: ``C_s = (concordant_s + tied_risk_s / 2) / comparable_s`` (NaN without a comparable pair) and
     ``Dice_s = 2 I_s / D_s`` (``metrics.dice_from_counts``; NaN when ``D_s = 0``: the site counted no labelled
-    patient, e.g. below its small-count rule). Sites are labelled ``site 1..S`` in increasing node id (numeric);
-    the node id is kept beside the label.
+    patient, e.g. below its small-count rule). Sites are ordered by node id (numeric) and labelled with their name
+    in ``names`` (node id -> name: ``sites.json`` of a deployment run), else ``site 1..S``; the node id is kept
+    beside the label.
 
     Returns
     -------
@@ -174,7 +187,8 @@ def site_table(row: Mapping[str, Any]) -> list[dict[str, Any]]:
         return (int(node), "") if node.isdigit() else (-1, node)
 
     for i, s in enumerate(sorted(row.get("per_site") or [], key=node_order)):
-        rec: dict[str, Any] = {"label": f"site {i + 1}", "node": str(s.get("node", "?"))}
+        node = str(s.get("node", "?"))
+        rec: dict[str, Any] = {"label": (names or {}).get(node, f"site {i + 1}"), "node": node}
         for k in ("train_examples", "train_loss", "n_patients", "n_events", "comparable"):
             rec[k] = _num(s.get(k))
         try:
@@ -588,7 +602,7 @@ def write_report(
     images = [plot_rounds(run.rows, out / ROUNDS_PNG)]
 
     last_sites = next((r for r in reversed(run.rows) if r.get("per_site")), None)
-    sites = site_table(last_sites) if last_sites is not None else []
+    sites = site_table(last_sites, run.site_names) if last_sites is not None else []
     if sites:
         images.append(plot_sites(sites, out / SITES_PNG))
 
@@ -682,7 +696,8 @@ def _page(run: RunRecord, summary: Mapping[str, Any], config: Mapping[str, Any],
                  format_value(s["train_loss"], ".4f")] for s in sites]
         parts.append(_table(head, body, "sites"))
         parts.append('<p class="note">Each site\'s C-index counts only its own comparable pairs; the federated '
-                     "C-index pools every site's pair counts (it is not the mean of these). Sites are numbered in "
+                     "C-index pools every site's pair counts (it is not the mean of these). Sites are named after "
+                     "their key files where the coordinator wrote sites.json (flower-server), else numbered in "
                      "node-id order; a site sends no name.</p>")
     else:
         parts.append('<p class="note">This run\'s metrics hold no per-site rows (a server older than the '

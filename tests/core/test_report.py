@@ -21,6 +21,7 @@ from strpnet_core.report import (
     KM_PNG,
     REPORT_HTML,
     ROUNDS_PNG,
+    SITES_JSON,
     SITES_PNG,
     ReportError,
     load_run,
@@ -131,7 +132,25 @@ def test_site_table_orders_nodes_by_number_and_has_no_dice_without_labelled_pati
                         {"node": 9, **counts, "dice_intersection": 0, "dice_denominator": 0}]}
     sites = site_table(row)
     assert [s["node"] for s in sites] == ["9", "10"]  # numeric, not "10" < "9"
+    assert [s["label"] for s in sites] == ["site 1", "site 2"]
     assert np.isnan(sites[0]["dice"]) and sites[1]["dice"] == pytest.approx(0.5)  # no labelled patient: no Dice
+    named = site_table(row, {"10": "hospital-a"})  # flower-server's sites.json; a node it does not name: numbered
+    assert [s["label"] for s in named] == ["site 1", "hospital-a"]
+
+
+@pytest.mark.integration
+def test_deployment_site_names_label_the_per_site_rows(sim: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "deployed-run"
+    run.mkdir()
+    rows = json.loads((sim["run"] / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps(rows))
+    nodes = sorted({str(s["node"]) for s in rows[-1]["per_site"]}, key=int)
+    (run / SITES_JSON).write_text(json.dumps({"site_names": {n: f"hospital-{i}" for i, n in enumerate(nodes)}}))
+    page = write_report(run).html.read_text()
+    assert all(f"<td>hospital-{i}</td>" in page for i in range(len(nodes)))
+    (run / SITES_JSON).write_text(json.dumps({"site_names": ["not", "a", "mapping"]}))
+    with pytest.raises(ReportError, match="sites.json"):
+        write_report(run)
 
 
 def test_risk_groups_cut_at_the_training_reference_median(tmp_path: Path) -> None:

@@ -86,5 +86,9 @@ def test_tls_authenticated_deployment(tmp_path: Path) -> None:
     # Only the two registered sites took part (the strategy samples every connected node).
     assert [r["train_sites"] for r in rows] == [2, 2] and [r["eval_sites"] for r in rows] == [2, 2]
     assert (tmp_path / "run" / "final_model.pt").is_file()
+    # The coordinator names the sites after their key files (sites.json, for the report): the nodes that took part.
+    names = json.loads((tmp_path / "run" / "sites.json").read_text())["site_names"]
+    assert sorted(names.values()) == ["a", "b"]
+    assert {str(s["node"]) for s in rows[-1]["per_site"]} == set(names)
     assert "registered site key" in server_log and "round 2/2" in server_log
     assert os.path.isfile(tmp_path / "coordinator" / "superlink.db")

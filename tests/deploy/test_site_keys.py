@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from server.launch import TLSFiles, start_superlink, write_flwr_config
-from server.site_keys import fingerprint, load_site_key, stored_keys, sync_site_keys
+from server.site_keys import KeySync, fingerprint, load_site_key, stored_keys, sync_site_keys
 from strpnet_core.federation import flower_env, flower_executable, stop_process
 
 from deploy_helpers import REPO
@@ -51,6 +51,12 @@ def test_site_keys_are_read_as_flower_reads_them(tmp_path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "ed")], check=True)
     with pytest.raises(ValueError, match="ed.pub: not an EC public key on a NIST curve"):
         load_site_key(tmp_path / "ed.pub")  # what `flwr supernode register` would refuse
+
+
+def test_site_names_come_from_the_key_files() -> None:
+    done = KeySync(registered=[("/k/hospital-b/hospital-b.pub", 7)], kept=[("/k/a/site.pub", 3), ("/k/b/site.pub", 5)],
+                   revoked=[("SHA256:x", 9)])
+    assert done.site_names() == {3: "/k/a/site.pub", 5: "/k/b/site.pub", 7: "hospital-b"}  # shared names: the path
 
 
 def test_a_dropped_site_key_is_revoked_and_its_supernode_refused(tmp_path: Path) -> None:
