@@ -6,7 +6,8 @@ rigid registration differed by ~1e-6 in the parameters and of a B-spline registr
 coefficients, N4 on 1 vs 2 threads by ~1e-3 of the intensity, and the optimisers amplified these into cached
 images differing by up to 1.9 z-units on a brats follow-up.  On one thread every such call is bit-identical.  So
 these steps run in :func:`one_itk_thread` whatever the process's setting; resampling, smoothing and demons keep
-the process's threads (their results do not depend on the count).  Parallel speed comes from patients
+the process's threads (their images and fields do not depend on the count; the demons' metric in the QC record
+differs in the last bits, ~1e-14, as the reproducibility audit of 2026-12-08 found).  Parallel speed comes from patients
 (``preprocess_site(workers=...)``: one patient per process).
 """
 
