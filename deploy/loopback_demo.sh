@@ -32,10 +32,18 @@ mkdir -p "$WORK/logs"
 PIDS=()
 cleanup() { for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$p" 2>/dev/null || true; done
             for p in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 [[ $NSITES =~ ^[1-9][0-9]?$ ]] || { echo "loopback_demo.sh: --sites $NSITES: give a number of sites from 1 to 99" >&2; exit 2; }
 SITES=(); for ((i = 1; i <= NSITES; i++)); do SITES+=("$(printf 'site-%02d' "$i")"); done
+# A WORK is made for one number of sites: its keys, cohort and coordinator database hold that many.
+if [[ -f $WORK/sites ]] && [[ $(cat "$WORK/sites") != "$NSITES" ]]; then
+  echo "loopback_demo.sh: $WORK was made for $(cat "$WORK/sites") sites, not $NSITES: give that --sites or another --work" >&2
+  exit 2
+fi
+echo "$NSITES" > "$WORK/sites"
 if [[ -f $WORK/certs/server.pem ]]; then
   echo "== 1. reusing the TLS material and site keys in $WORK/certs"
 else

@@ -65,13 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_deployment_command(build_parser(), coordinate, argv, log)
 
 
-def _sync_site_keys(keys: list[Path], flwr_home: Path, database: Path, run_dir: Path, *, revoke_missing: bool) -> None:
+def _sync_site_keys(keys: list[Path], flwr_home: Path, database: Path, *, revoke_missing: bool) -> dict[int, str]:
     """Register ``keys``, revoke admitted keys no longer given when asked (:func:`server.site_keys.sync_site_keys`);
-    log what was done; write ``run_dir/sites.json`` (node id -> site name, which ``strpnet report`` shows in its
-    per-site rows: the coordinator's own knowledge, nothing from the sites)."""
-    from strpnet_core.fsutil import atomic_write_json
-    from strpnet_core.report import SITES_JSON
-
+    log what was done; return node id -> site name (:meth:`server.site_keys.KeySync.site_names`)."""
     from .site_keys import sync_site_keys
 
     done = sync_site_keys(keys, flwr_home, database, revoke_missing=revoke_missing)
@@ -82,8 +78,20 @@ def _sync_site_keys(keys: list[Path], flwr_home: Path, database: Path, run_dir: 
     for key, node in done.revoked:
         log.warning("revoked site key %s (--revoke-missing): unregistered its node %d; that site can no longer "
                     "connect", key, node)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / SITES_JSON, {"site_names": {str(n): s for n, s in done.site_names().items()}})
+    return done.site_names()
+
+
+def _write_site_names(run_dir: Path, sites: dict[int, str]) -> None:
+    """``run_dir/sites.json`` (node id -> site name, which ``strpnet report`` shows in its per-site rows: the
+    coordinator's own knowledge, nothing from the sites), when the run made its directory."""
+    from strpnet_core.fsutil import atomic_write_json
+    from strpnet_core.report import SITES_JSON
+
+    if sites and run_dir.is_dir():
+        try:
+            atomic_write_json(run_dir / SITES_JSON, {"site_names": {str(n): name for n, name in sites.items()}})
+        except OSError as exc:  # only labels: the run's outputs stand without them
+            log.warning("could not write %s (%s): the report numbers the sites instead", run_dir / SITES_JSON, exc)
 
 
 def coordinate(args: argparse.Namespace) -> int:
@@ -152,29 +160,33 @@ def coordinate(args: argparse.Namespace) -> int:
              "TLS" if tls else "PLAIN HTTP", "on" if auth else "OFF", state)
     superlink = start_superlink(flwr_home, host=args.host, port=args.port, tls=tls, enable_supernode_auth=auth,
                                 database=database, log_file=state / "superlink.log")
-    with raise_on_stop_signals():  # held while the finally block stops the SuperLink: a second signal is ignored
-        try:
-            for run_id, fate in (stop_stale_runs(flwr_home) if kept_database else {}).items():
-                if fate == "stopped":
-                    log.warning("run %d of a previous session was still open in %s: stopped it", run_id, database)
-                else:
-                    log.info("run %d of a previous session is %s in %s", run_id, fate, database)
-            if auth:
-                _sync_site_keys(keys, flwr_home, database, run_dir, revoke_missing=args.revoke_missing)
-            log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
+    sites: dict[int, str] = {}
+    try:
+        with raise_on_stop_signals() as guard:  # held while the finally block stops the SuperLink
+            try:
+                for run_id, fate in (stop_stale_runs(flwr_home) if kept_database else {}).items():
+                    if fate == "stopped":
+                        log.warning("run %d of a previous session was still open in %s: stopped it", run_id, database)
+                    else:
+                        log.info("run %d of a previous session is %s in %s", run_id, fate, database)
+                if auth:
+                    sites = _sync_site_keys(keys, flwr_home, database, revoke_missing=args.revoke_missing)
+                log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
 
-            def show(line: str) -> None:
-                if args.verbose_flower or any(s in line for s in ("[strpnet]", "[ROUND", "ERROR", "Traceback",
-                                                                    "Successfully started run", "failures")):
-                    print(line, flush=True)
+                def show(line: str) -> None:
+                    if args.verbose_flower or any(s in line for s in ("[strpnet]", "[ROUND", "ERROR", "Traceback",
+                                                                        "Successfully started run", "failures")):
+                        print(line, flush=True)
 
-            outcome = flwr_run_stream(Path(args.app_dir) if args.app_dir else app_dir(), flwr_home,
-                                      run_config_file=config_file, timeout_s=args.timeout, on_line=show)
-        except StopRequested as exc:
-            log.warning("signal %d: stopping the run and the SuperLink", exc.signum)
-            return 128 + exc.signum  # 143 for SIGTERM, 130 for Ctrl-C, as a shell reports a process they ended
-        finally:
-            stop_process(superlink)
+                outcome = flwr_run_stream(Path(args.app_dir) if args.app_dir else app_dir(), flwr_home,
+                                          run_config_file=config_file, timeout_s=args.timeout, on_line=show)
+            finally:
+                guard.stopping()
+                stop_process(superlink)
+                _write_site_names(run_dir, sites)
+    except StopRequested as exc:
+        log.warning("signal %d: stopped the run and the SuperLink", exc.signum)
+        return 128 + exc.signum  # 143 for SIGTERM, 130 for Ctrl-C, as a shell reports a process they ended
     from strpnet_core.report import format_value
 
     s = finished_summary(outcome, run_dir)

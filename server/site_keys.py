@@ -108,10 +108,11 @@ class KeySync:
 
     def site_names(self) -> dict[int, str]:
         """Node id -> the name of the site's key file without ``.pub`` (``deploy/make_certs.sh`` names it after the
-        site), for every admitted site; the whole path where two files share a name."""
+        site), for every admitted site; ``FOLDER/NAME`` where two files share a name."""
         admitted = sorted(self.registered + self.kept, key=lambda kn: kn[1])
         stems = [Path(key).name.removesuffix(".pub") for key, _ in admitted]
-        return {node: stem if stems.count(stem) == 1 else key for (key, node), stem in zip(admitted, stems)}
+        return {node: stem if stems.count(stem) == 1 else f"{Path(key).parent.name}/{stem}"
+                for (key, node), stem in zip(admitted, stems)}
 
 
 def sync_site_keys(keys: Sequence[str | os.PathLike[str]], flwr_home: str | os.PathLike[str],

@@ -1,15 +1,15 @@
 """Shared start-up of the deployment commands ``flower-server`` and ``flower-client`` (and of the Flower processes
 that they and ``strpnet simulate`` start: :func:`die_with_parent_kwargs`), and their stop on SIGTERM / SIGINT
-(:func:`raise_on_stop_signals`)."""
+(:class:`raise_on_stop_signals`)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from typing import Any
 
 #: Errors a deployment command reports as one log line and exit code 1 (bad flags, files, an unreachable peer).
@@ -99,55 +99,93 @@ def die_with_parent(parent_pid: int, sig: int | None = None) -> None:
 
 
 class StopRequested(KeyboardInterrupt):
-    """A stop signal (SIGTERM, SIGINT) raised in the main thread by :func:`raise_on_stop_signals`."""
+    """A stop signal (SIGTERM, SIGINT) raised in the main thread by :class:`raise_on_stop_signals`."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"signal {signum}")
         self.signum = signum
 
 
-@contextlib.contextmanager
-def raise_on_stop_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise :class:`StopRequested` in the main thread, once.
+class raise_on_stop_signals:  # noqa: N801 - used as a context manager, like contextlib's
+    """Within the ``with`` block, SIGTERM and SIGINT raise :class:`StopRequested` in the main thread, once.
 
-    A command that started processes stops them in its ``finally`` blocks when the exception unwinds. Python runs a
-    signal handler at the next bytecode of the main thread, which may be inside a context whose exceptions it
-    ignores: a fork's after-fork hooks (``subprocess.Popen``; ``logging`` registers one), a ``__del__``, a weakref
-    callback. It then reports the exception to ``sys.unraisablehook`` and goes on, and the stop would be lost; the
-    hook installed here sends the signal again 0.1 s later, from a helper thread, so that it lands in ordinary code.
-    Signals after the one delivered are logged and ignored: the stop is under way, and a second exception would cut
-    its clean-up short (SIGKILL remains for an impatient operator). Previous handlers and hook are restored on exit.
+    A command that started processes stops them in ``finally`` blocks as the exception unwinds, inside the block:
+    the guard stays installed there. ``stopping()`` (first thing in such a ``finally``) says the stop is under way,
+    so that a signal arriving from then on is logged instead of cutting the clean-up short.
+
+    - Python runs a signal handler at the next bytecode of the main thread, which may be in a context whose
+      exceptions it ignores: a fork's after-fork hooks (``subprocess.Popen`` with ``preexec_fn``; ``logging``
+      registers one), a ``__del__``, a weakref callback. It reports the exception to ``sys.unraisablehook`` and
+      goes on; the hook installed here sends the signal again 0.1 s later (a daemon thread), so that it lands in
+      ordinary code. If the block ends first, leaving the ``with`` raises the lost stop (when no other exception is
+      on its way).
+    - A repeated signal while stopping is logged; the third signal overall gets the signal's default action at once
+      (the operator insists; the children follow through ``die_with_parent_kwargs``).
+    - Previous handlers and hook are restored on leaving the block.
     """
-    import signal
-    import sys
-    import threading
 
-    delivered: list[int] = []  # the signal whose exception reached ordinary code (or is on its way there)
+    SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT")
 
-    def handler(signum: int, _frame: object) -> None:
-        if delivered:
-            logging.getLogger(__name__).warning("signal %d: already stopping (signal %d)", signum, delivered[0])
+    def __init__(self) -> None:
+        self._raised: int | None = None  # the signal whose StopRequested is on its way (not known to be lost)
+        self._lost: int | None = None  # a StopRequested that Python ignored, being sent again
+        self._stopping = False
+        self._count = 0
+        self._timer: threading.Timer | None = None
+        self._previous: dict[int, Any] = {}
+        self._previous_hook: Callable[[Any], Any] | None = None
+
+    def stopping(self) -> None:
+        """The stop (or the normal end's clean-up) is under way: later signals are logged, not raised."""
+        self._stopping = True
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        import signal
+
+        self._count += 1
+        if self._raised is None and not self._stopping:
+            self._raised, self._lost = signum, None
+            raise StopRequested(signum)
+        if self._count >= 3:
+            logging.getLogger(__name__).warning("signal %d a third time: stopping at once", signum)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
-        delivered.append(signum)
-        raise StopRequested(signum)
+        logging.getLogger(__name__).warning("signal %d: already stopping (a third signal stops at once)", signum)
 
-    previous_hook = sys.unraisablehook
-
-    def redeliver(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, StopRequested) and delivered:
-            delivered.clear()  # lost: the next delivery raises again
-            threading.Timer(0.1, os.kill, (os.getpid(), unraisable.exc_value.signum)).start()
+    def _unraisable(self, unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, StopRequested) and exc.signum == self._raised:
+            self._raised, self._lost = None, exc.signum
+            self._count -= 1  # not seen by the code: it does not count towards the forced stop
+            self._timer = threading.Timer(0.1, os.kill, (os.getpid(), exc.signum))
+            self._timer.daemon = True
+            self._timer.start()
             return
-        previous_hook(unraisable)
+        assert self._previous_hook is not None
+        self._previous_hook(unraisable)
 
-    stop_signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.getsignal(s) for s in stop_signals}
-    sys.unraisablehook = redeliver
-    for s in stop_signals:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
+    def __enter__(self) -> raise_on_stop_signals:
+        import signal
+        import sys
+
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+        for name in self.SIGNALS:
+            s = getattr(signal, name)
+            self._previous[s] = signal.getsignal(s)
+            signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        import signal
+        import sys
+
+        if self._timer is not None:
+            self._timer.cancel()
+        for s, h in self._previous.items():
             signal.signal(s, h)
-        sys.unraisablehook = previous_hook
+        if self._previous_hook is not None:
+            sys.unraisablehook = self._previous_hook
+        if exc_type is None and self._lost is not None:
+            raise StopRequested(self._lost)

@@ -143,11 +143,17 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
             raise ReportError(f"{spath}: expected a JSON object, got {type(summary).__name__}")
     names: dict[str, str] = {}
     npath = rd / SITES_JSON
-    if npath.is_file():
-        doc = _read_json(npath)
-        names = doc.get("site_names") if isinstance(doc, dict) else None
-        if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-            raise ReportError(f"{npath}: expected {{\"site_names\": {{node id: name}}}}")
+    if npath.is_file():  # labels only: a bad file is named and the sites are numbered
+        try:
+            doc = _read_json(npath)
+        except ReportError as exc:
+            doc = None
+            log.warning("%s", exc)
+        got = doc.get("site_names") if isinstance(doc, dict) else None
+        if isinstance(got, dict) and all(isinstance(v, str) for v in got.values()):
+            names = got
+        elif doc is not None:
+            log.warning("%s: expected {\"site_names\": {node id: name}}; the sites are numbered instead", npath)
     model = rd / FINAL_MODEL
     return RunRecord(rd, rows, summary, model if model.is_file() else None, {str(k): v for k, v in names.items()})
 

@@ -148,9 +148,10 @@ def test_deployment_site_names_label_the_per_site_rows(sim: dict[str, Path], tmp
     (run / SITES_JSON).write_text(json.dumps({"site_names": {n: f"hospital-{i}" for i, n in enumerate(nodes)}}))
     page = write_report(run).html.read_text()
     assert all(f"<td>hospital-{i}</td>" in page for i in range(len(nodes)))
-    (run / SITES_JSON).write_text(json.dumps({"site_names": ["not", "a", "mapping"]}))
-    with pytest.raises(ReportError, match="sites.json"):
-        write_report(run)
+    for bad in (json.dumps({"site_names": ["not", "a", "mapping"]}), "{cut"):  # labels only: numbered instead
+        (run / SITES_JSON).write_text(bad)
+        page = write_report(run).html.read_text()
+        assert "hospital-0" not in page and "<td>site 1</td>" in page
 
 
 def test_risk_groups_cut_at_the_training_reference_median(tmp_path: Path) -> None:

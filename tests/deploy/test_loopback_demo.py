@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from strpnet_core.federation import free_port
 
 from deploy_helpers import REPO  # tests/deploy/deploy_helpers.py
+
+pytestmark = pytest.mark.integration
 
 
 def test_a_site_that_stops_ends_the_demo_with_its_reason(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_site_keys_are_read_as_flower_reads_them(tmp_path: Path) -> None:
 def test_site_names_come_from_the_key_files() -> None:
     done = KeySync(registered=[("/k/hospital-b/hospital-b.pub", 7)], kept=[("/k/a/site.pub", 3), ("/k/b/site.pub", 5)],
                    revoked=[("SHA256:x", 9)])
-    assert done.site_names() == {3: "/k/a/site.pub", 5: "/k/b/site.pub", 7: "hospital-b"}  # shared names: the path
+    assert done.site_names() == {3: "a/site", 5: "b/site", 7: "hospital-b"}  # a shared name: with its folder
 
 
 def test_a_dropped_site_key_is_revoked_and_its_supernode_refused(tmp_path: Path) -> None:
