@@ -195,7 +195,7 @@ def run_deployment(args: argparse.Namespace, base: Path) -> tuple[list[dict], di
     RUN_DIR/metrics.json and a few timings."""
     import signal
 
-    from strpnet_core.federation import flower_env, flower_executable, free_port, stop_process
+    from strpnet_core.console import flower_env, flower_executable, free_port, stop_process
 
     n = int(args.sites)
     names = [f"site-{s + 1:02d}" for s in range(n)]

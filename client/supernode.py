@@ -87,7 +87,7 @@ def node_config_string(values: dict[str, str | int]) -> str:
 def supernode_command(args: argparse.Namespace, *, site_name: str, data_dir: Path | None, cache_dir: Path,
                       port: int) -> list[str]:
     """The ``flower-supernode`` command line of this site."""
-    from strpnet_core.federation import flower_executable
+    from strpnet_core.console import flower_executable
 
     cmd = [flower_executable("flower-supernode"), "--superlink", args.superlink, "--isolation", "subprocess",
            "--host", "127.0.0.1", "--port", str(port)]
@@ -159,7 +159,8 @@ def _prepare_and_serve(args: argparse.Namespace, *, site_name: str, data_dir: Pa
     """Prepare the cache (unless ``--skip-prepare``), then run the SuperNode with Flower home ``state``, restarting
     it while it fails to join for ``--retry-seconds``; returns its exit code."""
     from strpnet_core.dataset import PatientDataset
-    from strpnet_core.federation import flower_env, free_port, prepare_site_cache, stop_process
+    from strpnet_core.console import flower_env, free_port, stop_process
+    from strpnet_core.federation import prepare_site_cache
 
     if not args.skip_prepare:
         t0 = time.monotonic()

@@ -97,7 +97,7 @@ def _write_site_names(run_dir: Path, sites: dict[int, str]) -> None:
 def coordinate(args: argparse.Namespace) -> int:
     """Run the coordinator described by ``args`` (see :func:`build_parser`)."""
     from strpnet_core.commands.simulate import parse_overrides
-    from strpnet_core.federation import stop_process
+    from strpnet_core.console import stop_process
 
     from .launch import (
         TLSFiles,

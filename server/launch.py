@@ -2,8 +2,8 @@
 
 Used by ``flower-server`` (deployment: TLS + SuperNode authentication) and ``strpnet simulate`` (a private
 simulation-mode SuperLink on a free 127.0.0.1 port, so that parallel simulations never share one). Every process
-gets its own ``FLWR_HOME``, telemetry off and no runtime dependency installation (``strpnet_core.federation.
-flower_env``); every process started here is stopped by its PID (:func:`strpnet_core.federation.stop_process`).
+gets its own ``FLWR_HOME``, telemetry off and no runtime dependency installation (``strpnet_core.console.
+flower_env``); every process started here is stopped by its PID (:func:`strpnet_core.console.stop_process`).
 A SuperLink runs under :mod:`strpnet_core.reaper`, and every child follows its parent's death
 (:func:`strpnet_core.console.die_with_parent_kwargs`): a killed coordinator or simulation leaves no Flower
 process behind (SuperExec, ServerApp, simulation and Ray processes included), which a resume relies on.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from strpnet_core.console import die_with_parent_kwargs
-from strpnet_core.federation import flower_env, flower_executable, stop_process
+from strpnet_core.console import flower_env, flower_executable, stop_process
 from strpnet_core.fsutil import atomic_write_text
 from strpnet_core.reaper import flower_processes
 

@@ -1,6 +1,7 @@
-"""Shared start-up of the deployment commands ``flower-server`` and ``flower-client`` (and of the Flower processes
-that they and ``strpnet simulate`` start: :func:`die_with_parent_kwargs`), and their stop on SIGTERM / SIGINT
-(:class:`raise_on_stop_signals`)."""
+"""Shared start-up of the deployment commands ``flower-server`` and ``flower-client``, their stop on SIGTERM /
+SIGINT (:class:`raise_on_stop_signals`), and the Flower processes that they and ``strpnet simulate`` start:
+environment (:func:`flower_env`), executables, ports, and their start and stop (:func:`die_with_parent_kwargs`,
+:func:`stop_process`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 #: Errors a deployment command reports as one log line and exit code 1 (bad flags, files, an unreachable peer).
@@ -49,7 +51,7 @@ def die_with_parent_kwargs(sig: int | None = None) -> dict[str, Any]:
     ``flower-client`` never leaves a SuperLink or SuperNode behind. Flower's detached descendants (SuperExec,
     ServerApp, simulation with its Ray processes) do not all follow their parent reliably: SuperLinks and SuperNodes
     therefore run under :mod:`strpnet_core.reaper`, which stops them by PID. The child still gets its own
-    session (``start_new_session``): :func:`strpnet_core.federation.stop_process` stops it with its process group.
+    session (``start_new_session``): :func:`stop_process` stops it with its process group.
     Elsewhere (no ``prctl``) only the session is set.
 
     Parameters
@@ -96,6 +98,76 @@ def die_with_parent(parent_pid: int, sig: int | None = None) -> None:
     _libc().prctl(1, int(signal.SIGTERM if sig is None else sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def flower_env(flwr_home: str | os.PathLike[str], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower process: its own ``FLWR_HOME``, telemetry off, no runtime dependency installation.
+
+    Also puts the directory of the running Python (the virtual environment's ``bin``) first on ``PATH`` so that
+    ``flwr``, ``flower-superlink``, ``flwr-serverapp``, ... are the ones of this installation.
+    """
+    import sys
+
+    env = dict(os.environ if base is None else base)
+    env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def flower_executable(name: str) -> str:
+    """Path of a Flower console script (``flwr``, ``flower-superlink``, ...) of this installation."""
+    import shutil
+    import sys
+
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name}: not found beside {sys.executable} nor on PATH; is flwr installed?")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: Any, *, timeout_s: float = 15.0) -> int | None:
+    """Stop a process we started (``subprocess.Popen``): SIGTERM to it (its process group when it leads one), wait,
+    then SIGKILL. Returns its exit code (None if it could not be reaped)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        pgid = os.getpgid(proc.pid)
+        leads_group = pgid == proc.pid
+    except ProcessLookupError:
+        return proc.poll()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            if leads_group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            break
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.poll()
 
 
 class StopRequested(KeyboardInterrupt):

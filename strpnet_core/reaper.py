@@ -11,7 +11,7 @@ killed). So every long-lived Flower program we start runs under this supervisor:
 It starts the program; when the supervisor gets SIGTERM/SIGINT or its own parent dies (``PR_SET_PDEATHSIG``, set by
 :func:`strpnet_core.console.die_with_parent_kwargs`), it stops the program and, at the same moment, every live process
 whose ``FLWR_HOME`` is ``FLWR_HOME`` (each Flower process of one run has the run's private home, see
-:func:`strpnet_core.federation.flower_env`): SIGTERM, a bounded wait, then SIGKILL, by PID; when the program exits by
+:func:`strpnet_core.console.flower_env`): SIGTERM, a bounded wait, then SIGKILL, by PID; when the program exits by
 itself, it stops what the program left behind the same way. Linux ``/proc`` is needed for the sweep; elsewhere only
 the program itself is stopped. Standard library only (it starts in ~50 ms).
 """

@@ -232,7 +232,8 @@ def simulate(
         write_run_config,
     )
 
-    from ..federation import free_port, prepare_site_cache, stop_process
+    from ..console import free_port, stop_process
+    from ..federation import prepare_site_cache
     from ..site import NoUsablePatientError
 
     import torch

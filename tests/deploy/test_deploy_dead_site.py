@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from client.supernode import supernode_command
-from strpnet_core.federation import flower_env, free_port, stop_process
+from strpnet_core.console import flower_env, free_port, stop_process
 
 from deploy_helpers import REPO, console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from strpnet_core.federation import flower_env, free_port, stop_process
+from strpnet_core.console import flower_env, free_port, stop_process
 
 # tests/deploy/deploy_helpers.py
 from deploy_helpers import REPO, console_command, start_logged, tls_server_command, write_site_cache

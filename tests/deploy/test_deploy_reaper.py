@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from strpnet_core.console import die_with_parent_kwargs
-from strpnet_core.federation import flower_env, stop_process
+from strpnet_core.console import flower_env, stop_process
 from strpnet_core.reaper import flower_processes, is_gone, process_environ
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and prctl")

@@ -19,7 +19,7 @@ import pytest
 
 from server.checkpoint import load_checkpoint
 from strpnet_core.commands.simulate import simulate
-from strpnet_core.federation import flower_env, free_port, stop_process
+from strpnet_core.console import flower_env, free_port, stop_process
 from strpnet_core.reaper import flower_processes, process_environ
 
 from deploy_helpers import REPO, console_command, start_logged, write_site_cache  # tests/deploy/deploy_helpers.py

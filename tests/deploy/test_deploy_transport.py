@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from server.launch import TLSFiles, start_superlink
-from strpnet_core.federation import flower_env, flower_executable, free_port, stop_process
+from strpnet_core.console import flower_env, flower_executable, free_port, stop_process
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from strpnet_core.federation import free_port
+from strpnet_core.console import free_port
 
 from deploy_helpers import REPO  # tests/deploy/deploy_helpers.py
 

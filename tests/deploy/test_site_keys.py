@@ -17,7 +17,7 @@ import pytest
 
 from server.launch import TLSFiles, start_superlink, write_flwr_config
 from server.site_keys import KeySync, fingerprint, load_site_key, stored_keys, sync_site_keys
-from strpnet_core.federation import flower_env, flower_executable, stop_process
+from strpnet_core.console import flower_env, flower_executable, stop_process
 
 from deploy_helpers import REPO
 
@@ -125,7 +125,7 @@ def test_a_dropped_site_key_is_revoked_and_its_supernode_refused(tmp_path: Path)
 def test_a_site_revoked_while_connected_stops_with_the_reason(tmp_path: Path) -> None:
     """flower-client whose key is revoked while its SuperNode is online: Flower ends the SuperNode with code 0;
     flower-client says why and exits 1 (it exited 0, silently)."""
-    from strpnet_core.federation import free_port
+    from strpnet_core.console import free_port
 
     from deploy_helpers import console_command, write_site_cache
 

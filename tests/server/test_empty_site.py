@@ -16,7 +16,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.app.message_type import MessageType
 
-from strpnet_core.federation import FederationConfig, build_model, free_port, prepare_site_cache, stop_process
+from strpnet_core.console import free_port, stop_process
+from strpnet_core.federation import FederationConfig, build_model, prepare_site_cache
 from strpnet_core.preprocessing.pipeline import REPORT_NAME
 from strpnet_core.site import NoUsablePatientError
 from sim_fixtures import TINY_RUN_CONFIG
