@@ -106,6 +106,7 @@ def coordinate(args: argparse.Namespace) -> int:
         check_run_config,
         finished_summary,
         flwr_run_stream,
+        progress_printer,
         refuse_if_running,
         start_superlink,
         stop_stale_runs,
@@ -142,7 +143,7 @@ def coordinate(args: argparse.Namespace) -> int:
     if args.resume and not args.run_dir:
         raise ValueError("--resume needs --run-dir: the run directory whose checkpoint.npz is continued")
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("fed-%Y%m%d-%H%M%S")).resolve()
-    check_resume(run_dir, args.resume)
+    resumed_from = check_resume(run_dir, args.resume)
     refuse_if_running(flwr_home, "flower-server")
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     write_flwr_config(flwr_home, f"{connect_host}:{args.port}", root_certificates=None if tls is None else tls.ca_cert,
@@ -172,12 +173,7 @@ def coordinate(args: argparse.Namespace) -> int:
                 if auth:
                     sites = _sync_site_keys(keys, flwr_home, database, revoke_missing=args.revoke_missing)
                 log.info("submitting the run; waiting for %d site(s); outputs -> %s", min_sites, run_dir)
-
-                def show(line: str) -> None:
-                    if args.verbose_flower or any(s in line for s in ("[strpnet]", "[ROUND", "ERROR", "Traceback",
-                                                                        "Successfully started run", "failures")):
-                        print(line, flush=True)
-
+                show = progress_printer(verbose=args.verbose_flower, done_rounds=resumed_from or 0)
                 outcome = flwr_run_stream(Path(args.app_dir) if args.app_dir else app_dir(), flwr_home,
                                           run_config_file=config_file, timeout_s=args.timeout, on_line=show)
             finally:

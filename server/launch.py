@@ -443,6 +443,29 @@ def flwr_run_stream(
     return RunOutcome(proc.returncode, run_id[0] if run_id else None, lines, time.monotonic() - t0)
 
 
+#: Lines of ``flwr run --stream`` a console shows without ``--verbose-flower``: ours, Flower's round markers, errors.
+SHOWN_LINES: tuple[str, ...] = ("[strpnet]", "[ROUND", "ERROR", "Error", "Traceback", "Successfully started run",
+                                "failures")
+_FLOWER_ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+
+
+def progress_printer(*, verbose: bool, done_rounds: int = 0) -> Callable[[str], None]:
+    """``on_line`` of :func:`flwr_run_stream` for a console: every line when ``verbose``, else :data:`SHOWN_LINES`.
+
+    A resumed run continues after ``done_rounds`` rounds, but Flower numbers its rounds from 1: its marker
+    ``[ROUND k/m]`` is printed as ``[ROUND k+done/m+done]``, the run's own numbering (as in the ``[strpnet]`` lines).
+    """
+
+    def show(line: str) -> None:
+        if verbose or any(s in line for s in SHOWN_LINES):
+            if done_rounds:
+                line = _FLOWER_ROUND.sub(lambda m: f"[ROUND {int(m[1]) + done_rounds}/{int(m[2]) + done_rounds}]",
+                                         line)
+            print(line, flush=True)
+
+    return show
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -22,9 +22,6 @@ from strpnet_core.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
-#: Output lines of ``flwr run --stream`` shown without ``--verbose``.
-_SHOWN = ("[strpnet]", "[ROUND", "ERROR", "Error", "Traceback", "Successfully started run", "failures")
-
 DEFAULT_SITES = 3
 #: Patients of the generated sites (a count per site): 14 patients keep `make demo` within 15 minutes on 2 cores of
 #: the AVX-512 machine kind (12:39, 2026-12-06; not on the AVX2-only kind, docs/federation.md; 4/6/8 took 15:22 with
@@ -225,6 +222,7 @@ def simulate(
         check_run_config,
         finished_summary,
         flwr_run_stream,
+        progress_printer,
         refuse_if_running,
         start_superlink,
         stop_stale_runs,
@@ -336,10 +334,7 @@ def simulate(
     print(f"[3/3] federated training: {n_sites} simulated sites, {rounds} rounds{gpus} (Flower log: {flwr_home})",
           flush=True)
 
-    def show(line: str) -> None:
-        if verbose_flower or any(s in line for s in _SHOWN):
-            print(line, flush=True)
-
+    show = progress_printer(verbose=verbose_flower, done_rounds=resumed_from or 0)
     kept_database = (flwr_home / "state.db").is_file()
     superlink = start_superlink(flwr_home, host="127.0.0.1", port=port, tls=None, simulation=True,
                                 database=flwr_home / "state.db")

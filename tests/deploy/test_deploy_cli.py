@@ -259,3 +259,15 @@ def test_flower_log_colours_are_stripped_for_a_log_file() -> None:
     assert "\x1b[" in coloured
     assert strip_ansi(coloured) == ConsoleHandler(colored=False).format(record) == \
         "WARNING :   [ROUND 2] federated C-index 0.6"
+
+
+def test_a_resumed_run_prints_flower_round_markers_in_its_own_numbering(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.launch import progress_printer
+
+    show = progress_printer(verbose=False, done_rounds=2)
+    for line in ("INFO :      [ROUND 1/1]", "INFO :      [strpnet] round 3/3: federated C-index 0.5", "INFO :  noise"):
+        show(line)
+    assert capsys.readouterr().out.splitlines() == ["INFO :      [ROUND 3/3]",
+                                                     "INFO :      [strpnet] round 3/3: federated C-index 0.5"]
+    progress_printer(verbose=True)("INFO :      [ROUND 1/3]")  # a new run: as Flower prints it, every line
+    assert capsys.readouterr().out == "INFO :      [ROUND 1/3]\n"

@@ -118,6 +118,7 @@ def test_killed_simulation_resumes_to_identical_weights(site_caches: Path, tmp_p
     res = subprocess.run(_cli(run_dir, site_caches, "--resume"), capture_output=True, text=True, timeout=700)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert f"from its round-{killed_at} checkpoint" in res.stdout
+    assert f"[ROUND {ROUNDS}/{ROUNDS}]" in res.stdout and "[ROUND 1/" not in res.stdout  # the run's numbering
     assert not flower_processes(flwr_home)
     print(f"\nkilled after the round-{killed_at} checkpoint; {len(started)} Flower processes, all gone "
           f"{gone_s:.1f} s after the kill")
