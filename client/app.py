@@ -6,6 +6,8 @@
 - ``evaluate``: global weights -> aggregate counts on the site's held-out split (MetricRecord ``metrics``): pair
   counts for the concordance, Dice sums, loss sum, numbers of patients and events. No per-patient value; a split
   smaller than the site's ``min-eval-patients`` (node config, default 2) sends zero counts (``client/audit.py``).
+- ``query.sampling_key``: the site's sampling key for the run (``federation.sampling_key``), which the server asks
+  for only when it samples a fraction of the sites; no data is read.
 
 Every reply passes the privacy audit mod (``client/audit.py``): only the model's arrays and allow-listed aggregate
 keys may leave the site; anything else is replaced by an error reply.
@@ -26,7 +28,14 @@ from flwr.clientapp.typing import Mod
 from flwr.common.logger import log as flwr_log
 
 from strpnet_core.environment import coordinator_versions, library_versions, version_differences
-from strpnet_core.federation import FederationConfig, local_evaluate, local_train
+from strpnet_core.federation import (
+    SAMPLING_KEY,
+    SAMPLING_QUERY,
+    FederationConfig,
+    local_evaluate,
+    local_train,
+    sampling_key,
+)
 
 from .audit import (
     METRICS_RECORD,
@@ -36,7 +45,7 @@ from .audit import (
     suppress_small_training,
 )
 from .dp_mod import dp_clipping_mod
-from .site_data import ready_site
+from .site_data import ready_site, resolve_site
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +105,12 @@ def evaluate(msg: Message, context: Context) -> Message:
                              server_round=_global_round(msg), min_patients=k)
     metrics = suppress_small_evaluation(metrics, k, site_name=site.site_name)
     return Message(content=RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query(SAMPLING_QUERY)
+def query_sampling_key(msg: Message, context: Context) -> Message:
+    """Reply with this site's sampling key for the run (the server orders the nodes by it when it samples)."""
+    cfg = FederationConfig.from_run_config(context.run_config)
+    site_name = resolve_site(context.node_config, cfg).site_name
+    key = sampling_key(cfg.seed, site_name)
+    return Message(content=RecordDict({METRICS_RECORD: MetricRecord({SAMPLING_KEY: key})}), reply_to=msg)

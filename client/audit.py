@@ -57,6 +57,7 @@ from strpnet_core.federation import (
     LIST_REPLY_KEYS,
     MIN_EVAL_PATIENTS,
     NUM_EXAMPLES_KEY,
+    QUERY_REPLY_KEYS,
     TRAIN_CUDA_KEY,
     TRAIN_REPLY_KEYS,
     TRAIN_SUPPRESSED_KEY,
@@ -77,6 +78,7 @@ FLOWER_TRAIN_KEYS: tuple[str, ...] = (KEY_NORM_BIT,)
 ALLOWED_METRIC_KEYS: dict[str, frozenset[str]] = {
     MessageType.TRAIN: frozenset((*TRAIN_REPLY_KEYS, *FLOWER_TRAIN_KEYS)),
     MessageType.EVALUATE: frozenset(EVAL_REPLY_KEYS),
+    MessageType.QUERY: frozenset(QUERY_REPLY_KEYS),
 }
 _MAX_NAME = 64  # offending names are cut to this length in error reasons
 #: Exceptions whose message may leave the site unchanged: it carries counts and the site's name only.

@@ -4,7 +4,9 @@ wrapped by Flower's differential-privacy wrappers; chosen by the run config (:fu
 ST-RPNet behaviours (:class:`STRPNetStrategyMixin`, placed before the Flower strategy in the bases):
 
 - **Bounded node sampling.** Flower's ``sample_nodes`` waits forever for ``min-available-nodes`` (a killed SuperNode
-  is declared offline after ~1 min and never comes back). Here a sampling waits at most ``node-wait-timeout`` seconds
+  is declared offline after ~1 min and never comes back), and samples among node ids, which a simulation draws anew
+  each session. Here a sampling of a fraction orders the sites by a seeded key of their names first
+  (:meth:`STRPNetStrategyMixin.site_order`), and waits at most ``node-wait-timeout`` seconds
   (``start-wait-timeout`` before the first round, while the federation assembles); then it goes on with the connected
   sites when at least the quorum (``min-train-nodes`` / ``min-evaluate-nodes``) is there, and otherwise raises
   :class:`QuorumNotReached` (the ServerApp writes the outputs of the completed rounds and stops). After one such wait
@@ -66,6 +68,8 @@ from strpnet_core.federation import (
     NUM_EXAMPLES_KEY,
     TRAIN_METRIC_PREFIX,
     TRAIN_SUPPRESSED_KEY,
+    SAMPLING_KEY,
+    SAMPLING_QUERY,
     FederationConfig,
 )
 
@@ -158,6 +162,7 @@ class STRPNetStrategyMixin:
         self._last_nodes: set[int] | None = None
         self._seen: set[int] = set()
         self._degraded: int | None = None
+        self._sampling_keys: dict[int, int | None] = {}  # None: asked, no answer
 
     # ------------------------------------------------------------------------------------------------------------------
     # Node sampling
@@ -224,11 +229,44 @@ class STRPNetStrategyMixin:
                 f"{self.min_available_nodes}); stopping the run"  # type: ignore[attr-defined]
             )
         size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
+        if size < len(nodes):  # positions drawn by the seeded RNG: in an order that the same seed repeats
+            nodes = self.site_order(grid, nodes)
         sampled = random.sample(nodes, size)
         self._sampled[step] = sampled
         log(INFO, "[strpnet] round %d (%s): sampled %d of %d connected site(s)", self._round(server_round), step,
             len(sampled), len(nodes))
         return sampled
+
+    def site_order(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """``nodes`` ordered by their sites' sampling keys (``federation.sampling_key``: seed and site name), asked
+        once per node with a ``query.sampling_key`` message; a node that does not answer within
+        ``node_wait_timeout`` (at least 10 s) goes after the others, by node id (logged, not asked again).
+
+        Sorted node ids would do for a deployment, whose sites keep their registered ids, but a simulation draws
+        new ids every session: its sampled sites would change between two runs of one seed, and between a run and
+        its resumption.
+        """
+        missing = [n for n in nodes if n not in self._sampling_keys]
+        if missing:
+            query = RecordDict({"config": ConfigRecord({})})
+            ask = [Message(content=query, dst_node_id=n, message_type=f"{MessageType.QUERY}.{SAMPLING_QUERY}")
+                   for n in missing]
+            self._sampling_keys.update(dict.fromkeys(missing))
+            for reply in grid.send_and_receive(ask, timeout=max(10.0, self.node_wait_timeout)):
+                if reply.has_error():  # e.g. a site of an older version without this query
+                    continue
+                try:
+                    key = reply.content["metrics"][SAMPLING_KEY]
+                except (KeyError, TypeError):
+                    continue
+                if isinstance(key, int) and not isinstance(key, bool) and reply.metadata.src_node_id in missing:
+                    self._sampling_keys[reply.metadata.src_node_id] = key
+            unknown = [n for n in missing if self._sampling_keys[n] is None]
+            if unknown:
+                log(WARNING, "[strpnet] no sampling key from node(s) %s: sampled after the others, by node id "
+                    "(a run with the same seed may sample other sites)", ", ".join(map(str, unknown)))
+        keys = self._sampling_keys
+        return sorted(nodes, key=lambda n: (keys[n] is None, keys[n] or 0, n))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -97,6 +97,12 @@ EVAL_SECONDS_KEY = "eval-seconds"
 EVAL_REPLY_KEYS: tuple[str, ...] = (*EVAL_COUNT_KEYS, *RISK_HIST_KEYS, NUM_EXAMPLES_KEY, EVAL_SECONDS_KEY)
 #: Reply keys whose value may be a list of numbers (e.g. a histogram as one key); every other key must be a scalar.
 LIST_REPLY_KEYS: tuple[str, ...] = ()
+#: The only key of a query reply: the site's sampling key (:func:`sampling_key`), asked for by a message of type
+#: ``query.`` + :data:`SAMPLING_QUERY`.
+SAMPLING_KEY = "sampling-key"
+SAMPLING_QUERY = "sampling_key"
+#: Privacy allow-list of a query reply's MetricRecord.
+QUERY_REPLY_KEYS: tuple[str, ...] = (SAMPLING_KEY,)
 #: A site whose evaluation split has fewer patients than this sends zeros for :data:`EVAL_COUNT_KEYS` and
 #: ``num-examples`` (with 1 patient, ``n_events`` and ``loss_sum`` *are* that patient's event and loss). A site may
 #: raise it with its own node config ``min-eval-patients`` (``client/audit.py``); the server cannot lower it.
@@ -367,6 +373,17 @@ def derive_seed(seed: int, *parts: object) -> int:
     """
     text = ":".join(str(p) for p in (seed, *parts))
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def sampling_key(seed: int, site_name: str) -> int:
+    """A site's place in the run's node sampling: ``derive_seed(seed, "sampling", site_name)``.
+
+    When a fraction of the sites is sampled, the server orders the connected nodes by this key before it draws
+    positions with the run's seeded RNG. Node ids cannot serve: a simulation draws them anew every session (and a
+    re-registered site gets a new one), so the same seed would sample other sites. The key tells nothing about any
+    patient; the site's name is known to the coordinator anyway.
+    """
+    return derive_seed(seed, "sampling", site_name)
 
 
 def split_indices(n: int, val_fraction: float, seed: int, site_name: str) -> tuple[list[int], list[int]]:

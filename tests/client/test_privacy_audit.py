@@ -213,6 +213,20 @@ def test_an_exception_leaves_the_site_as_its_type_only(tmp_path: Path) -> None:
     assert info2.value is empty and _log_lines(tmp_path)[-1]["error"]["sent"] == str(empty)
 
 
+def test_the_sampling_key_query_passes_the_audit_and_reads_no_data(tmp_path: Path) -> None:
+    from client.app import query_sampling_key
+    from strpnet_core.federation import SAMPLING_KEY, SAMPLING_QUERY, sampling_key
+
+    ctx = Context(run_id=1, node_id=7, node_config={"site-name": "site-x", "cache-dir": str(tmp_path / "cache"),
+                                                     "audit-log": str(tmp_path / "a.jsonl")},
+                  state=RecordDict(), run_config={**TINY_RUN_CONFIG, "seed": SEED, "preset": "ci"})
+    out = privacy_audit_mod(_received(f"query.{SAMPLING_QUERY}", ArrayRecord()), ctx, query_sampling_key)
+    assert not out.has_error()
+    assert dict(out.content["metrics"]) == {SAMPLING_KEY: sampling_key(SEED, "site-x")}
+    assert not (tmp_path / "cache").exists()  # no cache prepared, no patient read
+    assert _log_lines(tmp_path)[-1]["verdict"] == "allowed"
+
+
 def test_allow_lists_cover_what_the_core_sends() -> None:
     assert set(train_metrics(1, 0.0, {"dice": 0, "bce": 0, "cox": 0})) <= set(TRAIN_REPLY_KEYS)
     assert set(EvalAggregates().to_metrics()) | {NUM_EXAMPLES_KEY} <= set(EVAL_REPLY_KEYS)

@@ -5,6 +5,7 @@ sampling waits a bounded time and goes on with a quorum."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -23,7 +24,7 @@ from server.strategy import (
     core_strategy,
     make_strategy,
 )
-from strpnet_core.federation import FederationConfig
+from strpnet_core.federation import SAMPLING_KEY, SAMPLING_QUERY, FederationConfig, sampling_key
 
 SHAPE = (4, 5)
 
@@ -346,6 +347,62 @@ def test_sampling_takes_a_site_that_joins_while_waiting() -> None:
     grid = _Nodes(lambda call: [1, 2, 3] if call < 5 else [1, 2, 3, 9])
     assert sorted(s.sample_nodes_bounded(grid, server_round=1, fraction=1.0, min_nodes=3, step="train")) == [1, 2, 3, 9]
     assert grid.calls == 5
+
+
+class _Sites(_Nodes):
+    """Connected nodes that answer the sampling-key query as the ClientApp does for their site names; ``silent``
+    ones answer with an error (e.g. a site of an older version)."""
+
+    def __init__(self, names: dict[int, str], seed: int, silent: frozenset[int] = frozenset()) -> None:
+        super().__init__(lambda _: list(names))
+        self.names, self.seed, self.silent = names, seed, silent
+        self.asked: list[int] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == f"query.{SAMPLING_QUERY}"
+            node = m.metadata.dst_node_id
+            self.asked.append(node)
+            if node in self.silent:
+                out.append(Message(error=Error(code=0, reason="no handler"), reply_to=m))
+            else:
+                key = sampling_key(self.seed, self.names[node])
+                out.append(Message(content=RecordDict({"metrics": MetricRecord({SAMPLING_KEY: key})}), reply_to=m))
+        return out
+
+
+def _two_samplings(grid: _Nodes, seed: int) -> list[list[int]]:
+    s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1, node_wait_timeout=0.2, start_wait_timeout=0.2,
+                      poll_interval=0.01)
+    random.seed(seed)  # as the ServerApp seeds Python's RNG with the run's seed
+    return [s.sample_nodes_bounded(grid, server_round=r, fraction=0.5, min_nodes=1, step="train") for r in (1, 2)]
+
+
+def test_sampling_a_fraction_picks_the_same_sites_whatever_their_node_ids() -> None:
+    """A simulation draws new node ids every session: the same seed samples the same sites (their keys), where
+    sampling among sorted node ids would not."""
+    sites = [f"site-{i:02d}" for i in range(1, 7)]
+    sessions = ([11, 52, 33, 94, 75, 16], [908, 7, 640, 51, 2, 333])
+    picked, by_node_id = [], []
+    for ids in sessions:
+        grid = _Sites(dict(zip(ids, sites)), seed=5)
+        picked.append([sorted(grid.names[n] for n in r) for r in _two_samplings(grid, 5)])
+        assert sorted(grid.asked) == sorted(ids)  # each node asked once, at the first sampling
+        random.seed(5)
+        by_node_id.append(sorted(grid.names[n] for n in random.sample(sorted(ids), 3)))
+    assert picked[0] == picked[1] and [len(r) for r in picked[0]] == [3, 3]
+    assert by_node_id[0] != by_node_id[1]  # what sorted node ids gave for these two sessions
+
+
+def test_a_site_without_a_sampling_key_is_ordered_last_and_asked_once(flwr_log: list[str]) -> None:
+    grid = _Sites({4: "a", 9: "b", 2: "c", 7: "d"}, seed=1, silent=frozenset({2}))
+    s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1)
+    order = s.site_order(grid, [2, 4, 7, 9])
+    keyed = sorted((4, 7, 9), key=lambda n: sampling_key(1, grid.names[n]))
+    assert order == [*keyed, 2]
+    assert s.site_order(grid, [2, 4, 7, 9]) == order and sorted(grid.asked) == [2, 4, 7, 9]  # not asked again
+    assert any("no sampling key from node(s) 2" in x for x in flwr_log)
 
 
 def test_below_quorum_stops_with_a_clear_error() -> None:

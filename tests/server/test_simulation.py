@@ -1,6 +1,7 @@
 """Flower simulation of 3 sites (ci preset, cache files written directly, tiny model), 2 rounds: it finishes, the
-loss falls, the outputs are written, the coordinator's test set is evaluated server-side after every round, and a run
-resumed from its round-1 checkpoint reaches bit-identical weights."""
+loss falls, the outputs are written, the coordinator's test set is evaluated server-side after every round, a run
+resumed from its round-1 checkpoint reaches bit-identical weights, and two runs that sample one of the three sites
+with the same seed pick the same site."""
 
 from __future__ import annotations
 
@@ -72,3 +73,17 @@ def test_resume_reaches_the_same_final_weights(full_run: Path, site_caches: Path
     rows_b = json.loads((tmp_path / "metrics.json").read_text())
     for ra, rb in zip(rows_a, rows_b, strict=True):
         assert ra["train_loss"] == rb["train_loss"] and ra["comparable"] == rb["comparable"]
+
+
+def test_a_sampled_fraction_of_the_sites_is_the_same_in_every_run_of_a_seed(site_caches: Path, tmp_path: Path) -> None:
+    """``fraction-train`` 0.34 of 3 sites: one site trains. Flower draws new node ids for every simulation; ordered
+    by their sites' sampling keys, the same seed picks the same site, so the final weights are bit-identical (by
+    node id, another site 2 times in 3)."""
+    overrides = {**TINY_RUN_CONFIG, "fraction-train": 0.34, "min-train-nodes": 1}
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        simulate(run, data=None, cache=site_caches, sites=3, rounds=1, preset="ci", seed=7, overrides=overrides,
+                 timeout_s=240, progress=False)
+    rows = [json.loads((run / "metrics.json").read_text())[0] for run in runs]
+    assert [r["train_sites"] for r in rows] == [1, 1] and [r["eval_sites"] for r in rows] == [3, 3]
+    assert_same_final_model(*runs)
