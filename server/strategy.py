@@ -66,10 +66,10 @@ from strpnet_core.federation import (
     EVAL_COUNT_KEYS,
     EVAL_SECONDS_KEY,
     NUM_EXAMPLES_KEY,
-    TRAIN_METRIC_PREFIX,
-    TRAIN_SUPPRESSED_KEY,
     SAMPLING_KEY,
     SAMPLING_QUERY,
+    TRAIN_METRIC_PREFIX,
+    TRAIN_SUPPRESSED_KEY,
     FederationConfig,
 )
 
