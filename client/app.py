@@ -6,8 +6,8 @@
 - ``evaluate``: global weights -> aggregate counts on the site's held-out split (MetricRecord ``metrics``): pair
   counts for the concordance, Dice sums, loss sum, numbers of patients and events. No per-patient value; a split
   smaller than the site's ``min-eval-patients`` (node config, default 2) sends zero counts (``client/audit.py``).
-- ``query.sampling_key``: the site's sampling key for the run (``federation.sampling_key``), which the server asks
-  for only when it samples a fraction of the sites; no data is read.
+- ``query.sampling_key``: the site's sampling key for the run (``federation.sampling_key``), which a simulation's
+  server asks for when it samples a fraction of the sites (``sampling-keys``); no data is read.
 
 Every reply passes the privacy audit mod (``client/audit.py``): only the model's arrays and allow-listed aggregate
 keys may leave the site; anything else is replaced by an error reply.

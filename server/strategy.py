@@ -5,8 +5,8 @@ ST-RPNet behaviours (:class:`STRPNetStrategyMixin`, placed before the Flower str
 
 - **Bounded node sampling.** Flower's ``sample_nodes`` waits forever for ``min-available-nodes`` (a killed SuperNode
   is declared offline after ~1 min and never comes back), and samples among node ids, which a simulation draws anew
-  each session. Here a sampling of a fraction orders the sites by a seeded key of their names first
-  (:meth:`STRPNetStrategyMixin.site_order`), and waits at most ``node-wait-timeout`` seconds
+  each session. Here a simulation's sampling of a fraction orders the sites by a seeded key of their names first
+  (``sampling-keys``, :meth:`STRPNetStrategyMixin.site_order`), and a sampling waits at most ``node-wait-timeout`` seconds
   (``start-wait-timeout`` before the first round, while the federation assembles); then it goes on with the connected
   sites when at least the quorum (``min-train-nodes`` / ``min-evaluate-nodes``) is there, and otherwise raises
   :class:`QuorumNotReached` (the ServerApp writes the outputs of the completed rounds and stops). After one such wait
@@ -108,6 +108,8 @@ class STRPNetStrategyMixin:
         Seconds between two looks at the connected nodes while waiting.
     round_offset:
         Rounds completed before this session (resume); only for the global round numbers in the logs.
+    sampling_keys:
+        Sample a fraction of the sites in the order of their reported keys (:meth:`site_order`), not of node ids.
     **kwargs:
         The Flower strategy's parameters; ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn`` default to
         :func:`server.aggregation.train_metrics_aggr_fn` / :func:`server.aggregation.evaluate_metrics_aggr_fn`.
@@ -136,6 +138,7 @@ class STRPNetStrategyMixin:
         start_wait_timeout: float | None = None,
         poll_interval: float = 1.0,
         round_offset: int = 0,
+        sampling_keys: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", train_metrics_aggr_fn)
@@ -147,6 +150,7 @@ class STRPNetStrategyMixin:
         self.start_wait_timeout = float(node_wait_timeout if start_wait_timeout is None else start_wait_timeout)
         self.poll_interval = float(poll_interval)
         self.round_offset = int(round_offset)
+        self.sampling_keys = bool(sampling_keys)
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate_metrics: MetricRecord | None = None
         self.last_train_failures = 0
@@ -162,7 +166,7 @@ class STRPNetStrategyMixin:
         self._last_nodes: set[int] | None = None
         self._seen: set[int] = set()
         self._degraded: int | None = None
-        self._sampling_keys: dict[int, int | None] = {}  # None: asked, no answer
+        self._sampling_keys: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Node sampling
@@ -229,7 +233,7 @@ class STRPNetStrategyMixin:
                 f"{self.min_available_nodes}); stopping the run"  # type: ignore[attr-defined]
             )
         size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
-        if size < len(nodes):  # positions drawn by the seeded RNG: in an order that the same seed repeats
+        if size < len(nodes) and self.sampling_keys:  # positions of the seeded RNG: in an order the seed repeats
             nodes = self.site_order(grid, nodes)
         sampled = random.sample(nodes, size)
         self._sampled[step] = sampled
@@ -239,20 +243,20 @@ class STRPNetStrategyMixin:
 
     def site_order(self, grid: Grid, nodes: list[int]) -> list[int]:
         """``nodes`` ordered by their sites' sampling keys (``federation.sampling_key``: seed and site name), asked
-        once per node with a ``query.sampling_key`` message; a node that does not answer within
-        ``node_wait_timeout`` (at least 10 s) goes after the others, by node id (logged, not asked again).
+        of each node with a ``query.sampling_key`` message until it has answered once; a node without a key goes
+        after the others, by node id (logged). The query waits at most ``max(10, min(node-wait-timeout, 120))``
+        seconds, and expires at the SuperLink after that time.
 
-        Sorted node ids would do for a deployment, whose sites keep their registered ids, but a simulation draws
-        new ids every session: its sampled sites would change between two runs of one seed, and between a run and
-        its resumption.
+        For simulations (``sampling-keys``): they draw new node ids every session, so sorted node ids would sample
+        other sites in two runs of one seed, or in a run and its resumption. A deployment's node ids are stable,
+        and a site could choose the key it reports.
         """
         missing = [n for n in nodes if n not in self._sampling_keys]
         if missing:
-            query = RecordDict({"config": ConfigRecord({})})
-            ask = [Message(content=query, dst_node_id=n, message_type=f"{MessageType.QUERY}.{SAMPLING_QUERY}")
-                   for n in missing]
-            self._sampling_keys.update(dict.fromkeys(missing))
-            for reply in grid.send_and_receive(ask, timeout=max(10.0, self.node_wait_timeout)):
+            wait = max(10.0, min(self.node_wait_timeout, 120.0))
+            ask = [Message(content=RecordDict(), dst_node_id=n, message_type=f"{MessageType.QUERY}.{SAMPLING_QUERY}",
+                           ttl=wait) for n in missing]
+            for reply in grid.send_and_receive(ask, timeout=wait):
                 if reply.has_error():  # e.g. a site of an older version without this query
                     continue
                 try:
@@ -261,12 +265,13 @@ class STRPNetStrategyMixin:
                     continue
                 if isinstance(key, int) and not isinstance(key, bool) and reply.metadata.src_node_id in missing:
                     self._sampling_keys[reply.metadata.src_node_id] = key
-            unknown = [n for n in missing if self._sampling_keys[n] is None]
+            unknown = [n for n in missing if n not in self._sampling_keys]
             if unknown:
-                log(WARNING, "[strpnet] no sampling key from node(s) %s: sampled after the others, by node id "
-                    "(a run with the same seed may sample other sites)", ", ".join(map(str, unknown)))
+                log(WARNING, "[strpnet] no sampling key from node(s) %s: sampled after the others, by node id, and "
+                    "asked again at the next sampling (a run with the same seed may sample other sites)",
+                    ", ".join(map(str, unknown)))
         keys = self._sampling_keys
-        return sorted(nodes, key=lambda n: (keys[n] is None, keys[n] or 0, n))
+        return sorted(nodes, key=lambda n: (n not in keys, keys.get(n, 0), n))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -622,6 +627,7 @@ def make_strategy(cfg: FederationConfig, *, round_offset: int = 0, poll_interval
         start_wait_timeout=cfg.start_wait_timeout,
         poll_interval=poll_interval,
         round_offset=round_offset,
+        sampling_keys=cfg.sampling_keys,
     )
     if cfg.aggregation == "fedavg":
         inner: STRPNetStrategyMixin = STRPNetFedAvg(**common, equal_weights=cfg.dp != "off")

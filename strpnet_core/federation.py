@@ -123,6 +123,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "min-train-nodes": 2,
     "min-evaluate-nodes": 2,
     "min-available-nodes": 2,
+    "sampling-keys": False,
     "round-timeout": 3600.0,
     "seed": 0,
     "preset": "demo",
@@ -171,6 +172,11 @@ class FederationConfig:
     ----------
     num_server_rounds, fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes:
         FedAvg knobs (see ``flwr.serverapp.strategy.FedAvg``).
+    sampling_keys:
+        When a fraction of the sites is sampled, order them by the keys they report (:func:`sampling_key`) instead
+        of their node ids: for simulations (``strpnet simulate`` sets it), whose node ids change every session. A
+        deployment keeps it off: its node ids are the SuperLink's, stable for a registered key, and a site could
+        choose the key it reports.
     round_timeout:
         Seconds the server waits for the replies of one round.
     seed:
@@ -211,6 +217,7 @@ class FederationConfig:
     min_train_nodes: int = 2
     min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
+    sampling_keys: bool = False
     round_timeout: float = 3600.0
     seed: int = 0
     preset: str = "demo"
@@ -378,10 +385,10 @@ def derive_seed(seed: int, *parts: object) -> int:
 def sampling_key(seed: int, site_name: str) -> int:
     """A site's place in the run's node sampling: ``derive_seed(seed, "sampling", site_name)``.
 
-    When a fraction of the sites is sampled, the server orders the connected nodes by this key before it draws
-    positions with the run's seeded RNG. Node ids cannot serve: a simulation draws them anew every session (and a
-    re-registered site gets a new one), so the same seed would sample other sites. The key tells nothing about any
-    patient; the site's name is known to the coordinator anyway.
+    When a simulation samples a fraction of the sites (run config ``sampling-keys``), the server orders the connected
+    nodes by this key before it draws positions with the run's seeded RNG: a simulation draws new node ids every
+    session, so sorted ids would sample other sites with the same seed. The key tells nothing about any patient;
+    knowing the seed, the server could confirm a guess of the site's name.
     """
     return derive_seed(seed, "sampling", site_name)
 

@@ -322,6 +322,7 @@ def simulate(
         "min-train-nodes": n_sites,
         "min-evaluate-nodes": n_sites,
         "min-available-nodes": n_sites,
+        "sampling-keys": True,  # new node ids every session: a fraction is sampled among the sites' keys
     }
     if test_cache is not None:
         run_values["test-cache"] = str(test_cache)

@@ -374,7 +374,7 @@ class _Sites(_Nodes):
 
 def _two_samplings(grid: _Nodes, seed: int) -> list[list[int]]:
     s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1, node_wait_timeout=0.2, start_wait_timeout=0.2,
-                      poll_interval=0.01)
+                      poll_interval=0.01, sampling_keys=True)
     random.seed(seed)  # as the ServerApp seeds Python's RNG with the run's seed
     return [s.sample_nodes_bounded(grid, server_round=r, fraction=0.5, min_nodes=1, step="train") for r in (1, 2)]
 
@@ -395,14 +395,26 @@ def test_sampling_a_fraction_picks_the_same_sites_whatever_their_node_ids() -> N
     assert by_node_id[0] != by_node_id[1]  # what sorted node ids gave for these two sessions
 
 
-def test_a_site_without_a_sampling_key_is_ordered_last_and_asked_once(flwr_log: list[str]) -> None:
+def test_a_site_without_a_sampling_key_is_ordered_last_and_asked_again(flwr_log: list[str]) -> None:
     grid = _Sites({4: "a", 9: "b", 2: "c", 7: "d"}, seed=1, silent=frozenset({2}))
-    s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1)
+    s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1, sampling_keys=True)
     order = s.site_order(grid, [2, 4, 7, 9])
     keyed = sorted((4, 7, 9), key=lambda n: sampling_key(1, grid.names[n]))
     assert order == [*keyed, 2]
-    assert s.site_order(grid, [2, 4, 7, 9]) == order and sorted(grid.asked) == [2, 4, 7, 9]  # not asked again
     assert any("no sampling key from node(s) 2" in x for x in flwr_log)
+    grid.silent = frozenset()  # it answers now
+    assert s.site_order(grid, [2, 4, 7, 9]) == sorted((2, 4, 7, 9), key=lambda n: sampling_key(1, grid.names[n]))
+    assert sorted(grid.asked) == [2, 2, 4, 7, 9]  # the keyed nodes are not asked again
+
+
+def test_a_deployment_samples_among_node_ids_without_asking() -> None:
+    """``sampling-keys`` off (the default; a deployment's node ids are stable, and a site could choose its key)."""
+    s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1)
+    random.seed(3)
+    picked = s.sample_nodes_bounded(_Nodes(lambda _: [5, 1, 3, 2]), server_round=1, fraction=0.5, min_nodes=1,
+                                    step="train")  # _Nodes answers no message: a query would raise
+    random.seed(3)
+    assert picked == random.sample([1, 2, 3, 5], 2)
 
 
 def test_below_quorum_stops_with_a_clear_error() -> None:

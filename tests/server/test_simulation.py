@@ -75,7 +75,8 @@ def test_resume_reaches_the_same_final_weights(full_run: Path, site_caches: Path
         assert ra["train_loss"] == rb["train_loss"] and ra["comparable"] == rb["comparable"]
 
 
-def test_a_sampled_fraction_of_the_sites_is_the_same_in_every_run_of_a_seed(site_caches: Path, tmp_path: Path) -> None:
+def test_a_sampled_fraction_of_the_sites_is_the_same_in_every_run_of_a_seed(site_caches: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """``fraction-train`` 0.34 of 3 sites: one site trains. Flower draws new node ids for every simulation; ordered
     by their sites' sampling keys, the same seed picks the same site, so the final weights are bit-identical (by
     node id, another site 2 times in 3)."""
@@ -84,6 +85,8 @@ def test_a_sampled_fraction_of_the_sites_is_the_same_in_every_run_of_a_seed(site
     for run in runs:
         simulate(run, data=None, cache=site_caches, sites=3, rounds=1, preset="ci", seed=7, overrides=overrides,
                  timeout_s=240, progress=False)
+    out = capsys.readouterr().out
+    assert "sampled 1 of 3 connected site(s)" in out and "no sampling key" not in out  # every site told its key
     rows = [json.loads((run / "metrics.json").read_text())[0] for run in runs]
     assert [r["train_sites"] for r in rows] == [1, 1] and [r["eval_sites"] for r in rows] == [3, 3]
     assert_same_final_model(*runs)
