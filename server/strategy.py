@@ -71,6 +71,7 @@ from strpnet_core.federation import (
     TRAIN_METRIC_PREFIX,
     TRAIN_SUPPRESSED_KEY,
     FederationConfig,
+    derive_seed,
 )
 
 from .aggregation import arrays_digest, evaluate_metrics_aggr_fn, train_metrics_aggr_fn
@@ -110,6 +111,10 @@ class STRPNetStrategyMixin:
         Rounds completed before this session (resume); only for the global round numbers in the logs.
     sampling_keys:
         Sample a fraction of the sites in the order of their reported keys (:meth:`site_order`), not of node ids.
+    seed:
+        The run's seed: a sampling of a fraction draws with ``random.Random(derive_seed(seed, "sampling", global
+        round, step))``, its own generator (Flower's retries and heartbeats draw from Python's global one, as many
+        times as the network makes them, so its state at a sampling is not a function of the seed).
     **kwargs:
         The Flower strategy's parameters; ``train_metrics_aggr_fn`` / ``evaluate_metrics_aggr_fn`` default to
         :func:`server.aggregation.train_metrics_aggr_fn` / :func:`server.aggregation.evaluate_metrics_aggr_fn`.
@@ -139,6 +144,7 @@ class STRPNetStrategyMixin:
         poll_interval: float = 1.0,
         round_offset: int = 0,
         sampling_keys: bool = False,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", train_metrics_aggr_fn)
@@ -151,6 +157,7 @@ class STRPNetStrategyMixin:
         self.poll_interval = float(poll_interval)
         self.round_offset = int(round_offset)
         self.sampling_keys = bool(sampling_keys)
+        self.seed = int(seed)
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate_metrics: MetricRecord | None = None
         self.last_train_failures = 0
@@ -235,7 +242,8 @@ class STRPNetStrategyMixin:
         size = min(len(nodes), max(int(len(nodes) * fraction), min_nodes))
         if size < len(nodes) and self.sampling_keys:  # positions of the seeded RNG: in an order the seed repeats
             nodes = self.site_order(grid, nodes)
-        sampled = random.sample(nodes, size)
+        rng = random.Random(derive_seed(self.seed, "sampling", self._round(server_round), step))
+        sampled = rng.sample(nodes, size)
         self._sampled[step] = sampled
         log(INFO, "[strpnet] round %d (%s): sampled %d of %d connected site(s)", self._round(server_round), step,
             len(sampled), len(nodes))
@@ -628,6 +636,7 @@ def make_strategy(cfg: FederationConfig, *, round_offset: int = 0, poll_interval
         poll_interval=poll_interval,
         round_offset=round_offset,
         sampling_keys=cfg.sampling_keys,
+        seed=cfg.seed,
     )
     if cfg.aggregation == "fedavg":
         inner: STRPNetStrategyMixin = STRPNetFedAvg(**common, equal_weights=cfg.dp != "off")

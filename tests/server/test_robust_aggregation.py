@@ -24,7 +24,7 @@ from server.strategy import (
     core_strategy,
     make_strategy,
 )
-from strpnet_core.federation import SAMPLING_KEY, SAMPLING_QUERY, FederationConfig, sampling_key
+from strpnet_core.federation import SAMPLING_KEY, SAMPLING_QUERY, FederationConfig, derive_seed, sampling_key
 
 SHAPE = (4, 5)
 
@@ -372,11 +372,19 @@ class _Sites(_Nodes):
         return out
 
 
+def _draw(seed: int, rnd: int, nodes: list[int], k: int) -> list[int]:
+    """What the strategy draws among ``nodes`` (in their order) at global round ``rnd`` of training."""
+    return random.Random(derive_seed(seed, "sampling", rnd, "train")).sample(nodes, k)
+
+
 def _two_samplings(grid: _Nodes, seed: int) -> list[list[int]]:
     s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1, node_wait_timeout=0.2, start_wait_timeout=0.2,
-                      poll_interval=0.01, sampling_keys=True)
-    random.seed(seed)  # as the ServerApp seeds Python's RNG with the run's seed
-    return [s.sample_nodes_bounded(grid, server_round=r, fraction=0.5, min_nodes=1, step="train") for r in (1, 2)]
+                      poll_interval=0.01, sampling_keys=True, seed=seed)
+    out = []
+    for r in (1, 2):
+        random.random()  # Flower's retries and heartbeats draw from the global RNG: the sampling must not care
+        out.append(s.sample_nodes_bounded(grid, server_round=r, fraction=0.5, min_nodes=1, step="train"))
+    return out
 
 
 def test_sampling_a_fraction_picks_the_same_sites_whatever_their_node_ids() -> None:
@@ -389,8 +397,7 @@ def test_sampling_a_fraction_picks_the_same_sites_whatever_their_node_ids() -> N
         grid = _Sites(dict(zip(ids, sites)), seed=5)
         picked.append([sorted(grid.names[n] for n in r) for r in _two_samplings(grid, 5)])
         assert sorted(grid.asked) == sorted(ids)  # each node asked once, at the first sampling
-        random.seed(5)
-        by_node_id.append(sorted(grid.names[n] for n in random.sample(sorted(ids), 3)))
+        by_node_id.append(sorted(grid.names[n] for n in _draw(5, 1, sorted(ids), 3)))
     assert picked[0] == picked[1] and [len(r) for r in picked[0]] == [3, 3]
     assert by_node_id[0] != by_node_id[1]  # what sorted node ids gave for these two sessions
 
@@ -409,12 +416,10 @@ def test_a_site_without_a_sampling_key_is_ordered_last_and_asked_again(flwr_log:
 
 def test_a_deployment_samples_among_node_ids_without_asking() -> None:
     """``sampling-keys`` off (the default; a deployment's node ids are stable, and a site could choose its key)."""
-    s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1)
-    random.seed(3)
+    s = STRPNetFedAvg(min_train_nodes=1, min_available_nodes=1, seed=3, round_offset=4)  # resumed after round 4
     picked = s.sample_nodes_bounded(_Nodes(lambda _: [5, 1, 3, 2]), server_round=1, fraction=0.5, min_nodes=1,
                                     step="train")  # _Nodes answers no message: a query would raise
-    random.seed(3)
-    assert picked == random.sample([1, 2, 3, 5], 2)
+    assert picked == _draw(3, 5, [1, 2, 3, 5], 2)  # global round 5: what an uninterrupted run draws
 
 
 def test_below_quorum_stops_with_a_clear_error() -> None:
