@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from strpnet_core.console import die_with_parent_kwargs
-from strpnet_core.console import flower_env, flower_executable, stop_process
+from strpnet_core.console import die_with_parent_kwargs, flower_env, flower_executable, stop_process
 from strpnet_core.fsutil import atomic_write_text
 from strpnet_core.reaper import flower_processes
 

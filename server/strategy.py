@@ -173,7 +173,7 @@ class STRPNetStrategyMixin:
         self._last_nodes: set[int] | None = None
         self._seen: set[int] = set()
         self._degraded: int | None = None
-        self._sampling_keys: dict[int, int] = {}
+        self._site_keys: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Node sampling
@@ -259,7 +259,7 @@ class STRPNetStrategyMixin:
         other sites in two runs of one seed, or in a run and its resumption. A deployment's node ids are stable,
         and a site could choose the key it reports.
         """
-        missing = [n for n in nodes if n not in self._sampling_keys]
+        missing = [n for n in nodes if n not in self._site_keys]
         if missing:
             wait = max(10.0, min(self.node_wait_timeout, 120.0))
             ask = [Message(content=RecordDict(), dst_node_id=n, message_type=f"{MessageType.QUERY}.{SAMPLING_QUERY}",
@@ -272,13 +272,13 @@ class STRPNetStrategyMixin:
                 except (KeyError, TypeError):
                     continue
                 if isinstance(key, int) and not isinstance(key, bool) and reply.metadata.src_node_id in missing:
-                    self._sampling_keys[reply.metadata.src_node_id] = key
-            unknown = [n for n in missing if n not in self._sampling_keys]
+                    self._site_keys[reply.metadata.src_node_id] = key
+            unknown = [n for n in missing if n not in self._site_keys]
             if unknown:
                 log(WARNING, "[strpnet] no sampling key from node(s) %s: sampled after the others, by node id, and "
                     "asked again at the next sampling (a run with the same seed may sample other sites)",
                     ", ".join(map(str, unknown)))
-        keys = self._sampling_keys
+        keys = self._site_keys
         return sorted(nodes, key=lambda n: (n not in keys, keys.get(n, 0), n))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

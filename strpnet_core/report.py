@@ -155,7 +155,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunRecord:
         elif doc is not None:
             log.warning("%s: expected {\"site_names\": {node id: name}}; the sites are numbered instead", npath)
     model = rd / FINAL_MODEL
-    return RunRecord(rd, rows, summary, model if model.is_file() else None, {str(k): v for k, v in names.items()})
+    return RunRecord(rd, rows, summary, model if model.is_file() else None, names)  # JSON keys: str already
 
 
 # ----------------------------------------------------------------------------------------------------------------------
